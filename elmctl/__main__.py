@@ -1,0 +1,3 @@
+from elmctl.cli.main import run
+
+run()

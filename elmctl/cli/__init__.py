@@ -1,0 +1,1 @@
+"""Command-line interface (Typer). The only place that prints or exits."""

@@ -1,0 +1,110 @@
+"""The `elmctl` command: assembles the command groups and turns errors into messages.
+
+Each module in ``_GROUPS`` exposes ``register(app)``. Modules import torch/optuna only inside
+their commands, so `elmctl --help` and `elmctl recipe show` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import typer
+
+from elmctl.errors import EXIT_RUNTIME, ElmctlError
+
+app = typer.Typer(
+    name="elmctl",
+    help=(
+        "Experiment manager for Apple's OpenELM models: recipes (paper Tables 9/10), pre-training on "
+        "local GPUs, DPO learning-rate x epoch sweeps, reports.\n\n"
+        "Example: elmctl recipe show 450m --gpus 8"
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Command modules, in the order they appear in --help.
+_GROUPS = (
+    "recipe",
+    "data",
+    "pretrain",
+    "bench",
+    "runs",
+    "tune",
+    "report",
+    "generate",
+    "export",
+    "demo",
+)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (also ELMCTL_DEBUG=1)."),
+) -> None:
+    if debug:
+        os.environ["ELMCTL_DEBUG"] = "1"
+
+
+def _register_all() -> None:
+    for name in _GROUPS:
+        try:
+            module = importlib.import_module(f"elmctl.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"elmctl.cli.{name}":
+                continue  # command group not built yet
+            raise
+        module.register(app)
+
+
+_register_all()
+
+
+def _print_error(exc: ElmctlError) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {exc.message}", markup=True, emoji=False)
+    if exc.hint:
+        console.print(f"[dim]hint:[/] {exc.hint}", markup=True, emoji=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point. Returns the exit status (2 usage/input, 1 runtime)."""
+    debug = os.environ.get("ELMCTL_DEBUG") == "1" or "--debug" in (argv or sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False)
+    except ElmctlError as exc:
+        if debug:
+            raise
+        _print_error(exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # typer.Exit inside commands
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            print("aborted", file=sys.stderr)
+            return EXIT_RUNTIME
+        if isinstance(exc, click.exceptions.Exit):
+            return exc.exit_code
+        raise
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run()

@@ -1,0 +1,289 @@
+"""Finding, loading and validating recipes, with `--set key=value` overrides.
+
+Every problem in a file is reported at once with its field path, the YAML line where there is one,
+and a "did you mean" for unknown keys. Raises :class:`RecipeError` (a UsageError, exit 2).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from elmctl.config.schema import Recipe
+from elmctl.errors import UsageError
+
+__all__ = [
+    "Problem",
+    "RecipeError",
+    "recipes_dir",
+    "available_recipes",
+    "resolve_recipe_path",
+    "load_recipe",
+    "recipe_from_dict",
+    "parse_overrides",
+    "validate_files",
+]
+
+
+@dataclass(frozen=True)
+class Problem:
+    source: str  # file path, "--set", or "<dict>"
+    field: str  # dotted path, "" for the whole file
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.source + (f":{self.line}" if self.line else "")
+        return f"{where}: {self.field or '(recipe)'}: {self.message}"
+
+
+class RecipeError(UsageError):
+    def __init__(self, problems: list[Problem], hint: str | None = None):
+        self.problems = problems
+        n = len(problems)
+        head = f"{n} problem{'s' if n != 1 else ''} in recipe:"
+        super().__init__(
+            head + "\n" + "\n".join(f"  {p}" for p in problems),
+            hint or "fix the fields above; `elmctl recipe schema` lists every field and its range",
+        )
+
+
+def recipes_dir() -> Path:
+    """Shipped recipes: $ELMCTL_RECIPES, else the repository's recipes/ folder."""
+    env = os.environ.get("ELMCTL_RECIPES")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "recipes"
+
+
+def available_recipes() -> dict[str, Path]:
+    """Recipe id -> file, for every shipped recipe (openelm-<id>.yaml or <id>.yaml)."""
+    found: dict[str, Path] = {}
+    folder = recipes_dir()
+    if folder.is_dir():
+        for path in sorted(folder.glob("*.yaml")):
+            rid = path.stem.removeprefix("openelm-")
+            found[rid] = path
+    order = {"270m": 0, "450m": 1, "1_1b": 2, "3b": 3}
+    return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], 9), kv[0])))
+
+
+def resolve_recipe_path(spec: str | os.PathLike) -> Path:
+    """An id (`450m`) or a path to a YAML file -> the file."""
+    spec_s = str(spec)
+    path = Path(spec_s).expanduser()
+    if path.is_file():
+        return path
+    known = available_recipes()
+    key = spec_s.lower().replace("openelm-", "").replace(".", "_") if not spec_s.endswith((".yaml", ".yml")) else None
+    if key in known:
+        return known[key]
+    if key == "1b":
+        return known.get("1_1b", path)
+    if spec_s.endswith((".yaml", ".yml")) or os.sep in spec_s:
+        raise UsageError(f"recipe file not found: {spec_s}", "check the path, or use a recipe id")
+    close = difflib.get_close_matches(spec_s.lower(), list(known), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise UsageError(
+        f"unknown recipe '{spec_s}'",
+        f"{hint}known recipes: {', '.join(known) or '(none found in ' + str(recipes_dir()) + ')'}; "
+        "or give a path to a YAML file",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with line numbers
+
+
+class _LineMap:
+    """Dotted field path -> line number, read from the YAML node tree."""
+
+    def __init__(self, text: str):
+        self.lines: dict[str, int] = {}
+        self.duplicates: list[tuple[str, int]] = []
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            return
+        if node is not None:
+            self._walk(node, "")
+
+    def _walk(self, node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            seen: set[str] = set()
+            for key_node, value_node in node.value:
+                key = str(key_node.value)
+                path = f"{prefix}.{key}" if prefix else key
+                if key in seen:
+                    self.duplicates.append((path, key_node.start_mark.line + 1))
+                seen.add(key)
+                self.lines[path] = key_node.start_mark.line + 1
+                self._walk(value_node, path)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                path = f"{prefix}.{i}"
+                self.lines[path] = item.start_mark.line + 1
+                self._walk(item, path)
+
+    def line(self, field: str) -> int | None:
+        while field:
+            if field in self.lines:
+                return self.lines[field]
+            field = field.rpartition(".")[0]
+        return None
+
+
+def _model_at(path: tuple, root: type[BaseModel] = Recipe) -> type[BaseModel] | None:
+    model: Any = root
+    for part in path:
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        model = fields[part].annotation
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _describe(err: dict) -> str:
+    kind, msg = err["type"], err["msg"]
+    loc = err["loc"]
+    if kind == "extra_forbidden":
+        parent = _model_at(tuple(str(p) for p in loc[:-1]))
+        names = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+        text = f"unknown key '{loc[-1]}'"
+        if close:
+            text += f" (did you mean '{close[0]}'?)"
+        elif names:
+            text += f"; allowed: {', '.join(names)}"
+        return text
+    if kind == "missing":
+        return "required field is missing"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    value = err.get("input")
+    if kind not in ("model_type", "dict_type") and not isinstance(value, (dict, BaseModel)):
+        msg += f" (got {value!r})"
+    return msg
+
+
+def _problems_from(exc: ValidationError, source: str, lines: _LineMap | None, override_fields=()) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        src = "--set" if any(field == f or field.startswith(f + ".") for f in override_fields) else source
+        line = lines.line(field) if lines and src == source else None
+        problems.append(Problem(src, field, line, _describe(err)))
+    return problems
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """['pretrain.max_lr=1e-3', ...] -> {'pretrain.max_lr': 0.001, ...} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set expects key=value, got '{item}'", "example: --set pretrain.max_lr=1e-3")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        out[key] = value
+    return out
+
+
+def _apply_overrides(data: dict, overrides: dict[str, Any], source: str) -> None:
+    for key, value in overrides.items():
+        parts = key.split(".")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+                here = ".".join(parts[: i + 1])
+                parent = _model_at(tuple(parts[:i]))
+                names = list(parent.model_fields) if parent else []
+                close = difflib.get_close_matches(part, names, n=1)
+                raise RecipeError(
+                    [Problem("--set", key, None, f"'{here}' is not a section of the recipe"
+                             + (f" (did you mean '{close[0]}'?)" if close else ""))]
+                )
+            node = node[part]
+        node[parts[-1]] = value
+    del source
+
+
+def recipe_from_dict(
+    data: Any, *, source: str = "<dict>", overrides: dict[str, Any] | None = None, text: str | None = None
+) -> Recipe:
+    """Validate a plain mapping (with optional overrides) into a Recipe, or raise RecipeError."""
+    lines = _LineMap(text) if text is not None else None
+    problems: list[Problem] = []
+    if lines is not None:
+        problems += [Problem(source, f, ln, "duplicate key (the later value would win)") for f, ln in lines.duplicates]
+    if not isinstance(data, dict):
+        raise RecipeError([Problem(source, "", 1, f"a recipe is a mapping of sections, got {type(data).__name__}")])
+    data = _deepcopy(data)
+    if overrides:
+        _apply_overrides(data, overrides, source)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems += _problems_from(exc, source, lines, tuple(overrides or ()))
+        recipe = None
+    if problems:
+        raise RecipeError(problems)
+    assert recipe is not None
+    return recipe
+
+
+def _deepcopy(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _deepcopy(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_deepcopy(v) for v in x]
+    return x
+
+
+def _read(path: Path) -> tuple[Any, str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError([Problem(str(path), "", None, f"cannot read file: {exc}")]) from None
+    try:
+        return yaml.safe_load(text), text
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError([Problem(str(path), "", line, f"not valid YAML: {what}")]) from None
+
+
+def load_recipe(spec: str | os.PathLike | Recipe, overrides: dict[str, Any] | Iterable[str] | None = None) -> Recipe:
+    """Load a recipe by id or path, apply `--set` overrides, validate everything at once."""
+    if isinstance(overrides, (list, tuple)):
+        overrides = parse_overrides(overrides)
+    if isinstance(spec, Recipe):
+        if not overrides:
+            return spec
+        return recipe_from_dict(spec.model_dump(mode="json"), source=f"recipe {spec.id}", overrides=overrides)
+    path = resolve_recipe_path(spec)
+    data, text = _read(path)
+    return recipe_from_dict(data, source=str(path), overrides=overrides or None, text=text)
+
+
+def validate_files(paths: Iterable[str]) -> tuple[list[Recipe], list[Problem]]:
+    """Validate several files; returns the good recipes and every problem found."""
+    recipes, problems = [], []
+    for p in paths:
+        try:
+            recipes.append(load_recipe(p))
+        except RecipeError as exc:
+            problems += exc.problems
+        except UsageError as exc:
+            problems.append(Problem(str(p), "", None, exc.message))
+    return recipes, problems
