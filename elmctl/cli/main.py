@@ -65,11 +65,12 @@ _register_all()
 
 def _print_error(exc: ElmctlError) -> None:
     from rich.console import Console
+    from rich.markup import escape
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(f"[bold red]error:[/] {exc.message}", markup=True, emoji=False)
+    console.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True, emoji=False)
     if exc.hint:
-        console.print(f"[dim]hint:[/] {exc.hint}", markup=True, emoji=False)
+        console.print(f"[dim]hint:[/] {escape(exc.hint)}", markup=True, emoji=False)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,133 @@
+"""sbatch scripts for multi-node runs: one torchrun per node, c10d rendezvous on the head node.
+
+The script runs on the first node of the allocation. It resolves the head node's address to a
+non-loopback IPv4 (a hostname that maps to 127.0.x.x on the head node would send the other nodes
+to their own localhost), starts one torchrun per node with ``srun``, and asks Slurm to requeue the
+job on preemption or node failure; the command should resume from the run's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from elmctl.errors import UsageError
+from elmctl.launch.torchrun import build_command
+
+__all__ = ["write_sbatch", "render_sbatch"]
+
+RDZV_PORT = 29500
+
+
+def render_sbatch(
+    *,
+    job_name: str,
+    nodes: int,
+    gpus_per_node: int,
+    command_args: Sequence[str],
+    run_dir: str | os.PathLike[str],
+    time: str | None = None,
+    partition: str | None = None,
+    account: str | None = None,
+    cpus_per_node: int | None = None,
+    python: str | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
+    """The sbatch script text (see :func:`write_sbatch`)."""
+    if nodes < 1 or gpus_per_node < 1:
+        raise ValueError(f"nodes and gpus_per_node must be >= 1 (got {nodes}, {gpus_per_node})")
+    run_dir = Path(run_dir).resolve()
+    q = shlex.quote
+    # #SBATCH lines are not shell: no quoting there, so keep their values free of blanks.
+    for label, value in (("run_dir", str(run_dir)), ("time", time), ("partition", partition), ("account", account)):
+        if value and any(ch.isspace() for ch in value):
+            raise UsageError(f"{label} {value!r} contains blanks, which #SBATCH lines cannot hold",
+                             hint="use a path/value without spaces")
+    job_name = re.sub(r"[^A-Za-z0-9._-]+", "-", job_name).strip("-") or "elmctl"
+    lines = [
+        "#!/bin/bash",
+        f"#SBATCH --job-name={job_name}",
+        f"#SBATCH --nodes={nodes}",
+        "#SBATCH --ntasks-per-node=1",
+        f"#SBATCH --gpus-per-node={gpus_per_node}",
+        f"#SBATCH --output={run_dir / 'slurm-%j.out'}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+    ]
+    if cpus_per_node:
+        lines.append(f"#SBATCH --cpus-per-task={cpus_per_node}")
+    if time:
+        lines.append(f"#SBATCH --time={time}")
+    if partition:
+        lines.append(f"#SBATCH --partition={partition}")
+    if account:
+        lines.append(f"#SBATCH --account={account}")
+    # torchrun's node rank comes from the c10d rendezvous (join order), so every node runs the
+    # same command; the rendezvous id is the Slurm job id, fresh for every (re)queued attempt.
+    torchrun = build_command(
+        gpus_per_node, list(command_args), nnodes=nodes, node_rank=None,
+        rdzv_endpoint="__HEAD__", rdzv_id="__JOB__", python=python or sys.executable,
+    )
+    rendered = " ".join(q(a) for a in torchrun)
+    rendered = rendered.replace("--rdzv-endpoint=__HEAD__", '--rdzv-endpoint="$head_addr:$rdzv_port"')
+    rendered = rendered.replace("--rdzv-id=__JOB__", '--rdzv-id="$SLURM_JOB_ID"')
+    lines += [
+        "",
+        "set -euo pipefail",
+        f"mkdir -p {q(str(run_dir))}",
+        "",
+        "# Head node = first host of the allocation; use its routable address, not a loopback alias.",
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
+        "head_addr=$(getent ahostsv4 \"$head\" | awk '$1 !~ /^127\\./ {print $1; exit}')",
+        'head_addr=${head_addr:-$head}',
+        f"rdzv_port=${{ELMCTL_RDZV_PORT:-{RDZV_PORT}}}",
+        "",
+        "export CUDA_DEVICE_ORDER=PCI_BUS_ID",
+        "export PYTHONUNBUFFERED=1",
+        f"export OMP_NUM_THREADS=${{OMP_NUM_THREADS:-{max(1, (cpus_per_node or 8 * gpus_per_node) // gpus_per_node)}}}",
+    ]
+    for key, value in sorted((env or {}).items()):
+        lines.append(f"export {key}={q(value)}")
+    lines += [
+        'echo "elmctl: job $SLURM_JOB_ID on $SLURM_JOB_NUM_NODES nodes, head $head ($head_addr:$rdzv_port), '
+        'restart ${SLURM_RESTART_COUNT:-0}"',
+        "",
+        "# One torchrun per node; --kill-on-bad-exit stops every node when one fails.",
+        f"srun --nodes={nodes} --ntasks-per-node=1 --kill-on-bad-exit=1 \\",
+        f"    {rendered}",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_sbatch(
+    path: str | os.PathLike[str],
+    *,
+    job_name: str,
+    nodes: int,
+    gpus_per_node: int,
+    command_args: Sequence[str],
+    run_dir: str | os.PathLike[str],
+    time: str | None = None,
+    partition: str | None = None,
+    **kwargs,
+) -> Path:
+    """Write an executable sbatch script that runs ``command_args`` (module + args) on ``nodes`` nodes.
+
+    Extra keywords: ``account``, ``cpus_per_node``, ``python`` (interpreter path on the nodes;
+    default this one, which suits a venv on a shared filesystem), ``env`` (exported variables,
+    e.g. ``{"ELMCTL_STORE": "postgresql://..."}``: the store must be reachable from every node).
+    """
+    text = render_sbatch(job_name=job_name, nodes=nodes, gpus_per_node=gpus_per_node, command_args=command_args,
+                         run_dir=run_dir, time=time, partition=partition, **kwargs)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    tmp.replace(out)
+    return out

@@ -1,0 +1,53 @@
+"""elmctl's run registry: runs, metrics and checkpoints in any SQLAlchemy database.
+
+Default store: ``sqlite:///$ELMCTL_HOME/elmctl.db`` (ELMCTL_HOME defaults to ``./experiments``);
+``--store URL`` / ``ELMCTL_STORE`` picks another (PostgreSQL for several machines). Tables are
+prefixed ``elmctl_`` so Optuna's tables can live in the same database.
+
+    from elmctl.store import Store
+    store = Store()
+    run = store.create_run("pretrain", "tiny", recipe.model_dump(mode="json"), devices="cpu")
+    store.set_status(run.id, "running")
+    store.log_metrics(run.id, 10, {"loss": 5.1, "lr": 1e-3})
+
+``Store`` is imported lazily (SQLAlchemy loads on first use), so importing the records or
+``home()``/``runs_dir()`` costs nothing at CLI startup.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from elmctl.store._records import (
+    ACTIVE_STATUSES,
+    STATUSES,
+    TERMINAL_STATUSES,
+    CheckpointRecord,
+    MetricRecord,
+    RunRecord,
+    home,
+    runs_dir,
+)
+
+if TYPE_CHECKING:
+    from elmctl.store._store import Store
+
+__all__ = [
+    "Store",
+    "RunRecord",
+    "MetricRecord",
+    "CheckpointRecord",
+    "STATUSES",
+    "TERMINAL_STATUSES",
+    "ACTIVE_STATUSES",
+    "home",
+    "runs_dir",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Store":
+        from elmctl.store._store import Store
+
+        return Store
+    raise AttributeError(f"module 'elmctl.store' has no attribute {name!r}")

@@ -1,0 +1,189 @@
+"""Opening a store URL: URL checks, SQLite settings, and the one transaction boundary.
+
+SQLite settings (why):
+- WAL journal: readers (``elmctl runs list``, reports, optuna-dashboard) never block the writer,
+  and a writer never blocks readers (optuna#820, optuna-dashboard#545).
+- ``busy_timeout`` 30 s plus ``BEGIN IMMEDIATE`` for write transactions: a writer takes the write
+  lock when its transaction starts, waiting politely for other writers, instead of upgrading a
+  read snapshot mid-transaction, which fails at once with "database is locked" whatever the timeout.
+- ``synchronous=NORMAL``: durable at every checkpoint, safe against application crashes in WAL mode,
+  and far fewer fsyncs per metric row.
+- SQLite on NFS/Lustre/... is refused: WAL needs shared memory on one host, and the locking
+  corrupts databases there (optuna#1300, #815, #5385). Use PostgreSQL across machines.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.pool import StaticPool
+
+from elmctl.errors import RuntimeFailure, UsageError
+from elmctl.store._records import home
+
+BUSY_TIMEOUT_S = 30.0
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.sshfs",
+     "fuse.glusterfs", "glusterfs", "9p", "afs", "fuse.s3fs", "fuse.gcsfuse"}
+)
+_URL_HINT = "pass a SQLAlchemy URL, e.g. --store sqlite:///experiments/elmctl.db or --store postgresql://user@host/db"
+
+
+def resolve_url(url: str | None) -> str:
+    """The store URL to use: ``url``, else ``$ELMCTL_STORE``, else ``sqlite:///<home>/elmctl.db``.
+
+    A bare file path (no ``://``) means a SQLite file at that path.
+    """
+    url = url or os.environ.get("ELMCTL_STORE") or ""
+    if not url:
+        return f"sqlite:///{home() / 'elmctl.db'}"
+    if "://" not in url:
+        return f"sqlite:///{Path(url).expanduser().resolve()}"
+    return url
+
+
+def display_url(url: str) -> str:
+    """The URL with any password hidden, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        return url
+
+
+def is_memory_sqlite(u: URL) -> bool:
+    return u.get_backend_name() == "sqlite" and u.database in (None, "", ":memory:")
+
+
+def filesystem_type(path: Path, mounts: str = "/proc/mounts") -> str | None:
+    """Filesystem type holding ``path`` (longest matching mount point), None if unknown."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return None
+    target = str(path.resolve())
+    best, best_type = "", None
+    for line in lines:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mount_point = parts[1].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, parts[2]
+    return best_type
+
+
+def check_local_sqlite(db_path: Path, mounts: str = "/proc/mounts") -> None:
+    """Refuse a SQLite file on a network filesystem unless ELMCTL_ALLOW_NETWORK_SQLITE=1."""
+    if os.environ.get("ELMCTL_ALLOW_NETWORK_SQLITE") == "1":
+        return
+    parent = db_path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    fs = filesystem_type(parent, mounts)
+    if fs in NETWORK_FILESYSTEMS:
+        raise UsageError(
+            f"the store {db_path} is on a network filesystem ({fs}); SQLite locking is unreliable "
+            "there and databases get corrupted",
+            hint="put ELMCTL_HOME on a local disk, or use --store postgresql://... for several machines "
+            "(ELMCTL_ALLOW_NETWORK_SQLITE=1 overrides this check)",
+        )
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine for ``url``; bad URLs and missing drivers raise UsageError."""
+    try:
+        u = make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise UsageError(f"not a store URL: {url!r}", hint=_URL_HINT) from exc
+    kwargs: dict = {}
+    sqlite = u.get_backend_name() == "sqlite"
+    if sqlite and is_memory_sqlite(u):
+        # One shared connection, or every new connection would see an empty database.
+        kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+    elif sqlite:
+        db_path = Path(u.database).expanduser()
+        check_local_sqlite(db_path)
+        try:
+            db_path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"cannot create the folder for store {db_path}: {exc}", hint=_URL_HINT) from exc
+        kwargs.update(connect_args={"timeout": BUSY_TIMEOUT_S})
+    else:
+        kwargs.update(pool_pre_ping=True)
+    try:
+        engine = create_engine(u, **kwargs)
+    except NoSuchModuleError as exc:
+        raise UsageError(f"unknown database scheme {u.drivername!r} in store URL {display_url(url)}", hint=_URL_HINT) from exc
+    except ImportError as exc:
+        raise UsageError(
+            f"the database driver for {u.drivername!r} is not installed ({exc})",
+            hint="install the driver into elmctl's environment, e.g. pip install psycopg (for postgresql://)",
+        ) from exc
+    if sqlite:
+        _install_sqlite_settings(engine, memory=is_memory_sqlite(u))
+    return engine
+
+
+def _install_sqlite_settings(engine: Engine, *, memory: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:
+        # Autocommit at the driver level: BEGIN is issued by _on_begin, so write transactions can
+        # start with BEGIN IMMEDIATE (SQLAlchemy's documented pysqlite recipe).
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        if not memory:
+            cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        write = conn.get_execution_options().get("elmctl_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _reason(exc: SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    return str(orig if orig is not None else exc).strip().splitlines()[0]
+
+
+def _hint(reason: str, url: str) -> str:
+    if "locked" in reason or "busy" in reason:
+        return ("another process held the SQLite write lock for over 30 s; with many machines or "
+                "writers use --store postgresql://...")
+    if url.startswith("sqlite"):
+        return "check that the folder exists and is writable, or pick another file with --store / ELMCTL_STORE"
+    return "check that the database server is reachable from this machine and the URL (--store / ELMCTL_STORE) is right"
+
+
+@contextmanager
+def transaction(engine: Engine, url: str, *, write: bool) -> Iterator[Connection]:
+    """The store's only transaction boundary: commit on success, roll back on any error.
+
+    SQLAlchemy errors come out as RuntimeFailure naming the store; errors raised by the caller's
+    block (UsageError, ...) pass through unchanged after the rollback.
+    """
+    shown = display_url(url)
+    try:
+        conn_cm = engine.connect()
+    except SQLAlchemyError as exc:
+        reason = _reason(exc)
+        raise RuntimeFailure(f"cannot open store {shown}: {reason}", hint=_hint(reason, url)) from exc
+    try:
+        with conn_cm as conn:
+            if write:
+                conn.execution_options(elmctl_write=True)
+            with conn.begin():
+                yield conn
+    except SQLAlchemyError as exc:
+        reason = _reason(exc)
+        raise RuntimeFailure(f"store {shown} failed: {reason}", hint=_hint(reason, url)) from exc
