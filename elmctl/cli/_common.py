@@ -16,7 +16,19 @@ class Format(str, Enum):
     yaml = "yaml"
 
 
-RecipeArg = Annotated[str, typer.Argument(help="Recipe id (270m, 450m, 1_1b, 3b, tiny) or path to a YAML file.")]
+def complete_recipe(incomplete: str) -> list[str]:
+    """Shell completion for recipe arguments: the shipped recipe ids."""
+    from elmctl.config.loader import available_recipes
+
+    return [rid for rid in available_recipes() if rid.startswith(incomplete)]
+
+
+RecipeArg = Annotated[
+    str,
+    typer.Argument(
+        help="Recipe id (270m, 450m, 1_1b, 3b, tiny) or path to a YAML file.", autocompletion=complete_recipe
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a recipe field, e.g. --set pretrain.max_lr=1e-3 (repeatable)."),

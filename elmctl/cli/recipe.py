@@ -70,18 +70,34 @@ def list_cmd(fmt: FormatOpt = Format.table) -> None:
         return emit_json(rows)
     if fmt is Format.yaml:
         return emit_yaml(rows)
+    from rich import box
+    from rich.measure import Measurement
     from rich.table import Table
 
-    t = Table(title="OpenELM recipes", title_justify="left")
-    for col in ("id", "params", "layers", "d_model", "d_head", "max LR", "PT tokens", "DPO LR", "epochs", "loss", "paper GPUs"):
-        t.add_column(col, justify="right" if col not in ("id", "loss", "paper GPUs") else "left")
-    for r in rows:
-        t.add_row(
-            r["id"], f"{r['params']:,}", str(r["layers"]), str(r["model_dim"]), str(r["head_dim"]),
+    cols = ("id", "params", "layers", "d_model", "d_head", "max LR", "PT tokens", "DPO LR", "epochs", "loss", "paper GPUs")
+    cells = [
+        [
+            r["id"], _fmt_num(r["params"]), str(r["layers"]), str(r["model_dim"]), str(r["head_dim"]),
             f"{r['max_lr']:g}", _fmt_num(r["pretrain_tokens"]), f"{r['instruct_lr']:g}",
             str(r["instruct_epochs"]), r["instruct_loss"], r["paper_gpus"],
-        )
-    console().print(t)
+        ]
+        for r in rows
+    ]
+    c = console()
+    t = Table(title="OpenELM recipes", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("id", "loss", "paper GPUs") else "right", no_wrap=True)
+    for row in cells:
+        t.add_row(*row)
+    if Measurement.get(c, c.options.update_width(10_000), t).maximum > c.width:
+        # Narrow terminal: one column per recipe instead of squeezing 11 columns into "…".
+        t = Table(title="OpenELM recipes", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        t.add_column("", style="cyan", no_wrap=True)
+        for row in cells:
+            t.add_column(row[0], justify="right", no_wrap=True)
+        for i, col in enumerate(cols[1:], start=1):
+            t.add_row(col, *(row[i] for row in cells))
+    c.print(t)
 
 
 @recipe_app.command("show")
@@ -270,12 +286,16 @@ def diff_cmd(
     from rich.table import Table
 
     t = Table(title=f"{ra.id} vs {rb.id}: {len(rows)} differences", title_justify="left")
-    t.add_column("field", style="cyan")
-    t.add_column(ra.id, justify="right")
-    t.add_column(rb.id, justify="right")
+    # Field paths are what users grep for: never truncate them; let long values wrap instead.
+    c = console()
+    field_w = min(max((len(k) for k, _, _ in rows), default=5), 34)
+    room = max(12, min(60, (c.width - field_w - 10) // 2))  # long values are cut to fit, never the fields
+    t.add_column("field", style="cyan", overflow="fold", min_width=field_w)
+    t.add_column(ra.id, justify="right", overflow="fold")
+    t.add_column(rb.id, justify="right", overflow="fold")
     for k, x, y in rows:
-        t.add_row(k, _cell(x), _cell(y))
-    console().print(t)
+        t.add_row(k, _cell(x, room), _cell(y, room))
+    c.print(t)
 
 
 def _diffable(derived: dict) -> dict:
@@ -303,7 +323,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, width: int = 60) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -311,7 +331,7 @@ def _cell(v: Any) -> str:
     if isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 10000:
         return f"{v:,}"
     s = str(v)
-    return s if len(s) <= 60 else s[:57] + "..."
+    return s if len(s) <= width else s[: width - 3] + "..."
 
 
 @recipe_app.command("schema")

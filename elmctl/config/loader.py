@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,7 +16,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from elmctl.config.schema import Recipe
+from elmctl.config.schema import FieldProblems, Recipe
 from elmctl.errors import UsageError
 
 __all__ = [
@@ -100,6 +101,56 @@ def resolve_recipe_path(spec: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------------
 # YAML with line numbers
 
+# YAML 1.2 floats: PyYAML (YAML 1.1) reads `1e-3` as a string because it lacks a dot.
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-3` as a float and refuses aliases.
+
+    Aliases (`*name`) can build self-referencing or exponentially large documents; a recipe
+    never needs them, so they are an error with a line number rather than a hang or a crash.
+    """
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{event.anchor}) are not supported in recipes", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_object(self, node, deep=False):  # type: ignore[override]
+        # PyYAML's constructors crash on some tagged scalars (`!!float` with no value raises
+        # IndexError, `!!int 1_` ValueError); turn those into a YAML error at the node's line.
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, IndexError, TypeError, OverflowError, KeyError) as exc:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {node.tag} value {node.value!r:.40} ({type(exc).__name__})", node.start_mark
+            ) from None
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in list(_Loader.yaml_implicit_resolvers):
+    _Loader.yaml_implicit_resolvers[_first] = [
+        (tag, rx) for tag, rx in _Loader.yaml_implicit_resolvers[_first] if tag != "tag:yaml.org,2002:float"
+    ]
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
 
 class _LineMap:
     """Dotted field path -> line number, read from the YAML node tree."""
@@ -108,8 +159,8 @@ class _LineMap:
         self.lines: dict[str, int] = {}
         self.duplicates: list[tuple[str, int]] = []
         try:
-            node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError:
+            node = yaml.compose(text, Loader=_Loader)
+        except (yaml.YAMLError, RecursionError):
             return
         if node is not None:
             self._walk(node, "")
@@ -168,17 +219,28 @@ def _describe(err: dict) -> str:
         msg = msg[len("Value error, ") :]
     value = err.get("input")
     if kind not in ("model_type", "dict_type") and not isinstance(value, (dict, BaseModel)):
-        msg += f" (got {value!r})"
+        got = repr(value)
+        msg += f" (got {got if len(got) <= 80 else got[:77] + '...'})"
     return msg
 
 
 def _problems_from(exc: ValidationError, source: str, lines: _LineMap | None, override_fields=()) -> list[Problem]:
     problems = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"])
+
+    def add(field: str, message: str) -> None:
         src = "--set" if any(field == f or field.startswith(f + ".") for f in override_fields) else source
         line = lines.line(field) if lines and src == source else None
-        problems.append(Problem(src, field, line, _describe(err)))
+        problems.append(Problem(src, field, line, message))
+
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldProblems):
+            # a cross-field check: one problem per field it names, at that field's line
+            for sub, message in cause.items:
+                add(f"{field}.{sub}" if field else sub, message)
+        else:
+            add(field, _describe(err))
     return problems
 
 
@@ -191,8 +253,8 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if not sep or not key:
             raise UsageError(f"--set expects key=value, got '{item}'", "example: --set pretrain.max_lr=1e-3")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = _yaml_load(raw) if raw.strip() else ""
+        except (yaml.YAMLError, RecursionError):
             value = raw
         out[key] = value
     return out
@@ -225,8 +287,21 @@ def recipe_from_dict(
     problems: list[Problem] = []
     if lines is not None:
         problems += [Problem(source, f, ln, "duplicate key (the later value would win)") for f, ln in lines.duplicates]
+    if data is None:
+        raise RecipeError([Problem(source, "", 1 if text is not None else None, "the recipe is empty")])
     if not isinstance(data, dict):
-        raise RecipeError([Problem(source, "", 1, f"a recipe is a mapping of sections, got {type(data).__name__}")])
+        what = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+        raise RecipeError(
+            [
+                Problem(
+                    source,
+                    "",
+                    1 if text is not None else None,
+                    "a recipe is a mapping of sections (id, model, pretrain, instruct, provenance), "
+                    f"got {what.get(type(data), type(data).__name__)}",
+                )
+            ]
+        )
     data = _deepcopy(data)
     if overrides:
         _apply_overrides(data, overrides, source)
@@ -255,7 +330,9 @@ def _read(path: Path) -> tuple[Any, str]:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError([Problem(str(path), "", None, f"cannot read file: {exc}")]) from None
     try:
-        return yaml.safe_load(text), text
+        return _yaml_load(text), text
+    except RecursionError:
+        raise RecipeError([Problem(str(path), "", None, "not valid YAML: nested too deeply")]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None

@@ -7,120 +7,185 @@ Field names follow the paper/CoreNet where one exists; units are in the names.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
 from elmctl.config.derived import layer_shapes
 
-__all__ = ["ModelConfig", "DataFilters", "PretrainConfig", "InstructConfig", "Provenance", "Recipe"]
+__all__ = [
+    "FieldProblems",
+    "ModelConfig",
+    "DataFilters",
+    "PretrainConfig",
+    "InstructConfig",
+    "Provenance",
+    "Recipe",
+]
+
+# Strict scalars: a YAML `true` is not the number 1, "16" is not an int and 4.0 is not a layer
+# count. Floats still accept ints (`rope_freq_constant: 10000`). The loader's YAML reader parses
+# `1e-3` as a float (PyYAML alone would read it as a string).
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
+
+# Upper bounds keep every derived number a finite float (no OverflowError in `recipe show`).
+_BIG = 1 << 40
+
+
+class FieldProblems(ValueError):
+    """Cross-field problems of one section, each tied to the field a user should edit.
+
+    ``items`` holds (field path relative to the section, message). The loader turns each into its
+    own problem with the full dotted path and the YAML line of that field.
+    """
+
+    def __init__(self, items: list[tuple[str, str]]):
+        self.items = items
+        super().__init__("; ".join(msg for _, msg in items))
+
+
+def _raise(problems: list[tuple[str, str]]) -> None:
+    if problems:
+        raise FieldProblems(problems)
+
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", validate_default=True, allow_inf_nan=False
+    )
 
 
 class ModelConfig(_Frozen):
     """The OpenELM decoder (CoreNet ``general_gpt.py``; HF ``configuration_openelm.py``)."""
 
-    num_layers: int = Field(ge=1, le=256, description="Number of transformer layers N.")
-    model_dim: int = Field(ge=8, description="Model (embedding) width d_model.")
-    head_dim: int = Field(ge=2, description="Width of one attention head d_h (3B: 128).")
-    num_gqa_groups: int = Field(
-        ge=1, description="Query heads that share one key/value head (4 for every OpenELM)."
+    num_layers: Int = Field(ge=1, le=256, description="Number of transformer layers N.")
+    model_dim: Int = Field(ge=8, le=1 << 20, description="Model (embedding) width d_model.")
+    head_dim: Int = Field(ge=2, le=1 << 16, description="Width of one attention head d_h (3B: 128).")
+    num_gqa_groups: Int = Field(
+        ge=1, le=1 << 10, description="Query heads that share one key/value head (4 for every OpenELM)."
     )
-    qkv_multipliers: tuple[float, float] = Field(
+    qkv_multipliers: tuple[Float, Float] = Field(
         description="alpha (min, max): layer-wise scaling of attention width, interpolated over depth."
     )
-    ffn_multipliers: tuple[float, float] = Field(
+    ffn_multipliers: tuple[Float, Float] = Field(
         description="beta (min, max): layer-wise scaling of FFN width, interpolated over depth."
     )
-    ffn_dim_divisor: int = Field(ge=1, description="FFN widths are rounded to multiples of this.")
+    ffn_dim_divisor: Int = Field(ge=1, le=1 << 16, description="FFN widths are rounded to multiples of this.")
     normalization: Literal["rms_norm"] = "rms_norm"
-    norm_eps: float = Field(default=1e-6, gt=0, lt=1e-2)
-    normalize_qk_projections: bool = Field(
+    norm_eps: Float = Field(default=1e-6, gt=0, lt=1e-2)
+    normalize_qk_projections: Bool = Field(
         default=True, description="Per-head RMSNorm on queries and keys before RoPE."
     )
     positional_embedding: Literal["rope"] = "rope"
-    rope_freq_constant: float = Field(default=10000.0, gt=1)
-    rope_max_length: int = Field(default=4096, ge=1, description="Positions in the RoPE cache.")
+    rope_freq_constant: Float = Field(default=10000.0, gt=1)
+    rope_max_length: Int = Field(default=4096, ge=1, le=1 << 24, description="Positions in the RoPE cache.")
     activation: Literal["swiglu"] = "swiglu"
-    context_length: int = Field(ge=1, description="Training sequence length.")
-    vocab_size: int = Field(ge=2, description="Vocabulary of the released (HF) checkpoints.")
-    padded_vocab_size: int = Field(ge=2, description="Embedding rows used in training (pad + padding).")
-    pad_token_id: int = Field(ge=0)
-    bos_token_id: int = Field(default=1, ge=0)
-    eos_token_id: int = Field(default=2, ge=0)
-    share_input_output_layers: bool = Field(default=True, description="Tie the output head to the embedding.")
+    context_length: Int = Field(ge=1, le=1 << 24, description="Training sequence length.")
+    vocab_size: Int = Field(ge=2, le=1 << 24, description="Vocabulary of the released (HF) checkpoints.")
+    padded_vocab_size: Int = Field(
+        ge=2, le=1 << 24, description="Embedding rows used in training (pad + padding)."
+    )
+    pad_token_id: Int = Field(ge=0)
+    bos_token_id: Int = Field(default=1, ge=0)
+    eos_token_id: Int = Field(default=2, ge=0)
+    share_input_output_layers: Bool = Field(default=True, description="Tie the output head to the embedding.")
 
     @field_validator("qkv_multipliers", "ffn_multipliers")
     @classmethod
     def _ordered_positive(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not (0 < v[0] <= v[1]):
-            raise ValueError(f"must be (min, max) with 0 < min <= max, got {list(v)}")
+        if not (0 < v[0] <= v[1] <= 64):
+            raise ValueError(f"must be (min, max) with 0 < min <= max <= 64, got {list(v)}")
         return v
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
-        problems = []
+        problems: list[tuple[str, str]] = []
         if self.model_dim % self.head_dim:
-            problems.append(f"model_dim {self.model_dim} is not divisible by head_dim {self.head_dim}")
+            problems.append(
+                ("model_dim", f"model_dim {self.model_dim} is not divisible by head_dim {self.head_dim}")
+            )
+        if self.head_dim % 2:
+            problems.append(("head_dim", f"head_dim {self.head_dim} must be even (RoPE rotates pairs of dims)"))
         if self.padded_vocab_size < self.vocab_size:
             problems.append(
-                f"padded_vocab_size {self.padded_vocab_size} is smaller than vocab_size {self.vocab_size}"
+                (
+                    "padded_vocab_size",
+                    f"padded_vocab_size {self.padded_vocab_size} is smaller than vocab_size {self.vocab_size}",
+                )
             )
         if self.pad_token_id >= self.padded_vocab_size:
-            problems.append(f"pad_token_id {self.pad_token_id} is outside padded_vocab_size {self.padded_vocab_size}")
+            problems.append(
+                (
+                    "pad_token_id",
+                    f"pad_token_id {self.pad_token_id} is outside padded_vocab_size {self.padded_vocab_size}",
+                )
+            )
         for name in ("bos_token_id", "eos_token_id"):
             if getattr(self, name) >= self.vocab_size:
-                problems.append(f"{name} {getattr(self, name)} is outside vocab_size {self.vocab_size}")
+                problems.append((name, f"{name} {getattr(self, name)} is outside vocab_size {self.vocab_size}"))
+        ids = {"pad_token_id": self.pad_token_id, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+        names = list(ids)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                if ids[a] == ids[b]:
+                    problems.append((b, f"{b} {ids[b]} equals {a}; pad, bos and eos need distinct ids"))
         if self.rope_max_length < self.context_length:
             problems.append(
-                f"rope_max_length {self.rope_max_length} is shorter than context_length {self.context_length}"
+                (
+                    "rope_max_length",
+                    f"rope_max_length {self.rope_max_length} is shorter than context_length {self.context_length}",
+                )
             )
         if not problems:
-            for i, layer in enumerate(layer_shapes(self)):
-                if layer.query_heads % self.num_gqa_groups:
+            # make_divisible(d * alpha, d_h * num_gqa_groups) makes both hold by construction;
+            # kept as a guard because the model and the HF export divide by these numbers.
+            for layer in layer_shapes(self):
+                if layer.query_heads % self.num_gqa_groups or layer.kv_heads < 1:
                     problems.append(
-                        f"layer {i}: {layer.query_heads} query heads are not divisible by "
-                        f"num_gqa_groups {self.num_gqa_groups}"
+                        (
+                            "num_gqa_groups",
+                            f"layer {layer.index}: {layer.query_heads} query heads do not form whole groups of "
+                            f"num_gqa_groups {self.num_gqa_groups} (kv heads {layer.kv_heads})",
+                        )
                     )
                     break
-        if problems:
-            raise ValueError("; ".join(problems))
+        _raise(problems)
         return self
 
 
 class DataFilters(_Frozen):
     """Documents dropped before pre-training (CoreNet pretraining configs)."""
 
-    min_chars: int = Field(default=200, ge=0, description="Drop texts shorter than this many characters.")
-    min_tokens: int = Field(default=256, ge=0, description="Drop texts shorter than this many tokens.")
+    min_chars: Int = Field(default=200, ge=0, le=_BIG, description="Drop texts shorter than this many characters.")
+    min_tokens: Int = Field(default=256, ge=0, le=_BIG, description="Drop texts shorter than this many tokens.")
 
 
 class PretrainConfig(_Frozen):
     """Paper Table 9 (CoreNet ``pretraining_configs/openelm_*.yaml``)."""
 
-    sequences_per_gpu: int = Field(ge=1, description="Micro-batch of the paper's run, sequences per GPU.")
-    num_gpus: int = Field(ge=1, description="GPUs of the paper's run (8 per node x 16 nodes).")
-    warmup_iterations: int = Field(ge=0)
-    max_iterations: int = Field(ge=1)
-    warmup_init_lr: float = Field(ge=0, description="LR at iteration 0 of the linear warm-up.")
-    max_lr: float = Field(gt=0, le=1.0)
-    min_lr: float = Field(ge=0, description="End of the cosine decay (0.1 x max_lr in the paper).")
-    adam_betas: tuple[float, float] = (0.9, 0.95)
-    adam_eps: float = Field(default=1e-8, gt=0, lt=1e-2)
-    weight_decay: float = Field(default=0.1, ge=0, lt=1.0)
-    grad_clip: float = Field(default=1.0, gt=0)
-    z_loss: bool = True
-    z_loss_coef: float = Field(default=1e-4, ge=0)
+    sequences_per_gpu: Int = Field(ge=1, le=1 << 20, description="Micro-batch of the paper's run, sequences per GPU.")
+    num_gpus: Int = Field(ge=1, le=1 << 20, description="GPUs of the paper's run (8 per node x 16 nodes).")
+    warmup_iterations: Int = Field(ge=0, le=_BIG)
+    max_iterations: Int = Field(ge=1, le=_BIG)
+    warmup_init_lr: Float = Field(ge=0, description="LR at iteration 0 of the linear warm-up.")
+    max_lr: Float = Field(gt=0, le=1.0)
+    min_lr: Float = Field(ge=0, description="End of the cosine decay (0.1 x max_lr in the paper).")
+    adam_betas: tuple[Float, Float] = (0.9, 0.95)
+    adam_eps: Float = Field(default=1e-8, gt=0, lt=1e-2)
+    weight_decay: Float = Field(default=0.1, ge=0, lt=1.0)
+    grad_clip: Float = Field(default=1.0, gt=0, le=1e6)
+    z_loss: Bool = True
+    z_loss_coef: Float = Field(default=1e-4, ge=0, le=1.0)
     precision: Literal["bf16", "fp32"] = "bf16"
-    activation_checkpointing: bool = False
-    fsdp: bool = False
+    activation_checkpointing: Bool = False
+    fsdp: Bool = False
     data_filters: DataFilters = DataFilters()
-    eval_every: int = Field(default=5000, ge=1, description="Iterations between validation passes.")
-    checkpoint_every: int = Field(default=5000, ge=1, description="Iterations between checkpoints.")
-    keep_checkpoints: int = Field(default=5, ge=1, description="How many recent checkpoints to keep.")
-    seed: int = 0
+    eval_every: Int = Field(default=5000, ge=1, le=_BIG, description="Iterations between validation passes.")
+    checkpoint_every: Int = Field(default=5000, ge=1, le=_BIG, description="Iterations between checkpoints.")
+    keep_checkpoints: Int = Field(default=5, ge=1, le=1 << 20, description="How many recent checkpoints to keep.")
+    seed: Int = Field(default=0, ge=0, le=2**32 - 1, description="RNG seed (numpy needs < 2**32).")
 
     @field_validator("adam_betas")
     @classmethod
@@ -131,18 +196,27 @@ class PretrainConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainConfig":
-        problems = []
+        problems: list[tuple[str, str]] = []
         if self.warmup_iterations >= self.max_iterations:
             problems.append(
-                f"warmup_iterations {self.warmup_iterations} must be below max_iterations {self.max_iterations}"
+                (
+                    "warmup_iterations",
+                    f"warmup_iterations {self.warmup_iterations} must be below max_iterations {self.max_iterations}",
+                )
             )
-        if not (self.warmup_init_lr <= self.min_lr <= self.max_lr):
+        if self.warmup_init_lr > self.min_lr:
             problems.append(
-                f"need warmup_init_lr <= min_lr <= max_lr, got {self.warmup_init_lr:g}, "
-                f"{self.min_lr:g}, {self.max_lr:g}"
+                (
+                    "warmup_init_lr",
+                    f"need warmup_init_lr <= min_lr <= max_lr, got warmup_init_lr {self.warmup_init_lr:g} > "
+                    f"min_lr {self.min_lr:g}",
+                )
             )
-        if problems:
-            raise ValueError("; ".join(problems))
+        if self.min_lr > self.max_lr:
+            problems.append(
+                ("min_lr", f"need warmup_init_lr <= min_lr <= max_lr, got min_lr {self.min_lr:g} > max_lr {self.max_lr:g}")
+            )
+        _raise(problems)
         return self
 
 
@@ -151,23 +225,23 @@ class InstructConfig(_Frozen):
 
     method: Literal["dpo"] = "dpo"
     loss: Literal["sigmoid", "hinge"] = Field(description="sigmoid = DPO; hinge = RSO/SLiC-style.")
-    beta: float = Field(default=0.01, gt=0, le=10, description="DPO temperature.")
-    lr: float = Field(gt=0, lt=1, description="The paper's chosen learning rate for this size.")
-    epochs: int = Field(ge=1, le=1000, description="The paper's chosen number of epochs for this size.")
-    lr_grid: tuple[float, ...] = Field(min_length=1, description="Learning rates searched by tune-sweep.")
-    epoch_grid: tuple[int, ...] = Field(min_length=1, description="Epoch counts searched by tune-sweep.")
-    per_device_batch: int = Field(default=8, ge=1)
-    grad_accumulation: int = Field(default=2, ge=1)
-    num_gpus: int = Field(default=8, ge=1, description="GPUs of the paper's run.")
-    max_length: int = Field(default=1024, ge=2)
-    max_prompt_length: int = Field(default=512, ge=1)
-    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    beta: Float = Field(default=0.01, gt=0, le=10, description="DPO temperature.")
+    lr: Float = Field(gt=0, lt=1, description="The paper's chosen learning rate for this size.")
+    epochs: Int = Field(ge=1, le=1000, description="The paper's chosen number of epochs for this size.")
+    lr_grid: tuple[Float, ...] = Field(min_length=1, max_length=1000, description="Learning rates searched by tune-sweep.")
+    epoch_grid: tuple[Int, ...] = Field(min_length=1, max_length=1000, description="Epoch counts searched by tune-sweep.")
+    per_device_batch: Int = Field(default=8, ge=1, le=1 << 20)
+    grad_accumulation: Int = Field(default=2, ge=1, le=1 << 20)
+    num_gpus: Int = Field(default=8, ge=1, le=1 << 20, description="GPUs of the paper's run.")
+    max_length: Int = Field(default=1024, ge=2, le=1 << 24)
+    max_prompt_length: Int = Field(default=512, ge=1, le=1 << 24)
+    warmup_ratio: Float = Field(default=0.1, ge=0, lt=1)
     scheduler: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(default=0.0, ge=0, lt=1)
+    weight_decay: Float = Field(default=0.0, ge=0, lt=1)
     sharding: Literal["none", "zero3", "fsdp"] = "zero3"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: Bool = True
     precision: Literal["bf16", "fp32"] = "bf16"
-    seed: int = 42
+    seed: Int = Field(default=42, ge=0, le=2**32 - 1)
 
     @field_validator("lr_grid", "epoch_grid")
     @classmethod
@@ -181,17 +255,23 @@ class InstructConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> "InstructConfig":
-        problems = []
+        problems: list[tuple[str, str]] = []
+        if any(x >= 1 for x in self.lr_grid):
+            problems.append(("lr_grid", f"learning rates must be below 1, got {[float(x) for x in self.lr_grid]}"))
+        if any(x > 1000 for x in self.epoch_grid):
+            problems.append(("epoch_grid", f"epochs must be at most 1000, got {list(self.epoch_grid)}"))
         if self.lr not in self.lr_grid:
-            problems.append(f"lr {self.lr:g} is not in lr_grid {[float(x) for x in self.lr_grid]}")
+            problems.append(("lr", f"lr {self.lr:g} is not in lr_grid {[float(x) for x in self.lr_grid]}"))
         if self.epochs not in self.epoch_grid:
-            problems.append(f"epochs {self.epochs} is not in epoch_grid {list(self.epoch_grid)}")
+            problems.append(("epochs", f"epochs {self.epochs} is not in epoch_grid {list(self.epoch_grid)}"))
         if self.max_prompt_length >= self.max_length:
             problems.append(
-                f"max_prompt_length {self.max_prompt_length} must be below max_length {self.max_length}"
+                (
+                    "max_prompt_length",
+                    f"max_prompt_length {self.max_prompt_length} must be below max_length {self.max_length}",
+                )
             )
-        if problems:
-            raise ValueError("; ".join(problems))
+        _raise(problems)
         return self
 
     @property
@@ -209,12 +289,12 @@ class Provenance(_Frozen):
     corenet_config: str | None = Field(default=None, description="CoreNet config file of the recipe.")
     hf_config: str | None = Field(default=None, description="Released HF checkpoint this recipe matches.")
     pretrain_gpu: str = Field(description="GPU type of the paper's pre-training run.")
-    pretrain_gpu_memory_gb: int = Field(ge=1)
-    pretrain_nodes: int = Field(ge=1)
-    pretrain_days: float | None = Field(default=None, gt=0, description="Reported training time (None: not stated).")
+    pretrain_gpu_memory_gb: Int = Field(ge=1, le=1 << 20)
+    pretrain_nodes: Int = Field(ge=1, le=1 << 20)
+    pretrain_days: Float | None = Field(default=None, gt=0, description="Reported training time (None: not stated).")
     instruct_gpu: str = Field(description="GPU type of the paper's instruction-tuning run.")
-    instruct_gpu_memory_gb: int = Field(ge=1)
-    instruct_hours: float | None = Field(default=None, gt=0)
+    instruct_gpu_memory_gb: Int = Field(ge=1, le=1 << 20)
+    instruct_hours: Float | None = Field(default=None, gt=0)
     sources: dict[str, str] = Field(default_factory=dict, description="Field group -> source it was taken from.")
     notes: tuple[str, ...] = ()
 
@@ -231,17 +311,23 @@ class Recipe(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
-        problems = []
+        problems: list[tuple[str, str]] = []
         if self.instruct.max_length > self.model.rope_max_length:
             problems.append(
-                f"instruct.max_length {self.instruct.max_length} exceeds model.rope_max_length "
-                f"{self.model.rope_max_length}"
+                (
+                    "instruct.max_length",
+                    f"instruct.max_length {self.instruct.max_length} exceeds model.rope_max_length "
+                    f"{self.model.rope_max_length}",
+                )
             )
         if self.pretrain.num_gpus % self.provenance.pretrain_nodes:
             problems.append(
-                f"pretrain.num_gpus {self.pretrain.num_gpus} is not a multiple of provenance.pretrain_nodes "
-                f"{self.provenance.pretrain_nodes}"
+                (
+                    "pretrain.num_gpus",
+                    f"pretrain.num_gpus {self.pretrain.num_gpus} is not a multiple of provenance.pretrain_nodes "
+                    f"{self.provenance.pretrain_nodes}",
+                )
             )
-        if problems:
-            raise ValueError("; ".join(problems))
+        _raise(problems)
         return self
+
