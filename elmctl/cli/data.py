@@ -180,7 +180,7 @@ def demo_cmd(
         f"unigram entropy {pre['unigram_entropy_nats']:.3f} nats/token"
     )
     c.print(f"  preference train {pref['splits']['train']['pairs']:,} pairs, test {pref['splits']['test']['pairs']:,}")
-    c.print(f"  next: elmctl pretrain --recipe tiny --data {r['out_dir']}")
+    c.print(f"  next: elmctl pretrain --recipe tiny --device cpu --data {r['out_dir']}")
 
 
 @data_app.command("info")

@@ -186,6 +186,20 @@ class Store:
             conn.execute(insert(T.runs).values(**values))
             return _to_record(conn.execute(select(T.runs).where(T.runs.c.id == run_id)).one())
 
+    def reopen(self, run_id: str, *, devices: str | None = None) -> RunRecord:
+        """Queue a finished/cancelled/failed run again for an explicit ``--resume``.
+
+        The only way out of ``cancelled``: :meth:`update_run` keeps a cancelled run cancelled so a
+        worker dying from the cancel's SIGTERM cannot overwrite it.
+        """
+        with self._tx(write=True) as conn:
+            rid = self._resolve_id(conn, run_id)
+            values: dict[str, Any] = {"status": "queued", "error": None, "ended_at": None}
+            if devices is not None:
+                values["devices"] = devices
+            conn.execute(update(T.runs).where(T.runs.c.id == rid).values(**values))
+            return _to_record(conn.execute(select(T.runs).where(T.runs.c.id == rid)).one())
+
     def update_run(self, run_id: str, **fields: Any) -> RunRecord:
         """Change fields of a run (id or name) and return the updated record.
 

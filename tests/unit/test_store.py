@@ -307,3 +307,12 @@ def test_parallel_writers_never_hit_database_is_locked(tmp_path):
     assert all(r.status == "completed" and r.step == 199 for r in runs)
     assert all(len(store.metrics(r.id, "loss")) == 200 for r in runs)
     assert set(STATUSES) >= {r.status for r in runs}
+
+
+def test_reopen_is_the_explicit_way_out_of_cancelled(store):
+    run = store.create_run("pretrain", "tiny", {}, status="running")
+    store.set_status(run.id, "cancelled")
+    assert store.update_run(run.id, status="running").status == "cancelled"
+    again = store.reopen(run.id, devices="cpu")
+    assert again.status == "queued" and again.ended_at is None and again.devices == "cpu"
+    assert store.update_run(run.id, status="running").status == "running"

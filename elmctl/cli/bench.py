@@ -1,0 +1,115 @@
+"""`elmctl bench`: tokens/s, MFU, peak memory and compile time of the real training step."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Annotated
+
+import typer
+
+from elmctl.cli._common import Format, FormatOpt, SetOpt, console, emit_json
+from elmctl.errors import RuntimeFailure, UsageError
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench_cmd)
+
+
+def bench_cmd(
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe id or path.")] = "tiny",
+    gpus: Annotated[str | None, typer.Option("--gpus", help="GPUs: a count, 'all', or indices '0,3'.")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="'cpu' to bench on the CPU.")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed optimizer steps.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", min=1, help="Untimed steps first (compile happens here).")] = 3,
+    micro_batch: Annotated[int | None, typer.Option("--micro-batch", min=1, help="Sequences per GPU per step (default: the recipe's).")] = None,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", min=8, help="Sequence length (default: the recipe's context).")] = None,
+    checkpointing: Annotated[str, typer.Option("--checkpointing", help="Activation checkpointing: recipe, on, off.")] = "recipe",
+    no_compile: Annotated[bool, typer.Option("--no-compile", help="Eager mode (compile is on by default on GPU).")] = False,
+    fmt: FormatOpt = Format.table,
+    overrides: SetOpt = None,
+) -> None:
+    """Push synthetic tokens through the real training step; print tokens/s, MFU, memory.
+
+    MFU is measured against the GPU's dense bf16 peak (H100/H200 989, A100 312 TFLOP/s).
+
+    Example: elmctl bench --recipe 270m --micro-batch 16 --steps 20
+    """
+    from elmctl.config.loader import load_recipe
+
+    if checkpointing not in ("recipe", "on", "off"):
+        raise UsageError(f"--checkpointing must be recipe, on or off, got '{checkpointing}'")
+    r = load_recipe(recipe, overrides or [])
+    args = ["--recipe", recipe, "--steps", str(steps), "--warmup", str(warmup), "--checkpointing", checkpointing]
+    for o in overrides or []:
+        args += ["--set", o]
+    if micro_batch:
+        args += ["--micro-batch", str(micro_batch)]
+    if seq_len:
+        args += ["--seq-len", str(seq_len)]
+    if no_compile:
+        args.append("--no-compile")
+
+    from elmctl.launch import gpus as G
+    from elmctl.launch import locks
+    from elmctl.launch import torchrun
+
+    if device == "cpu":
+        indices: list[int] = []
+    elif device not in (None, "cuda"):
+        raise UsageError(f"--device must be cpu or cuda, got '{device}'")
+    else:
+        indices = G.select(gpus or "1", G.discover(), device=device)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bench.json")
+        args += ["--device", "cuda" if indices else "cpu", "--json-out", out]
+        nproc = max(1, len(indices))
+        if nproc == 1:
+            cmd = [sys.executable, "-m", "elmctl.train.bench", *args]
+        else:
+            cmd = torchrun.build_command(nproc, ["elmctl.train.bench", *args])
+        env = torchrun.build_env(indices, nproc=nproc)
+        lease = locks.acquire(indices, "bench") if indices else None
+        try:
+            c = console(stderr=True)
+            c.print(f"[dim]benchmarking {r.id} on {'GPU ' + ','.join(map(str, indices)) if indices else 'CPU'} "
+                    f"({steps} steps after {warmup} warm-up)...[/]")
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        finally:
+            if lease is not None:
+                lease.release()
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise RuntimeFailure(f"bench failed (exit {proc.returncode}):\n{tail}",
+                                 "try a smaller --micro-batch or --checkpointing on if it ran out of memory")
+        with open(out) as f:
+            res = json.load(f)
+    if fmt is Format.json:
+        return emit_json(res)
+    _render(res)
+
+
+def _render(res: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"elmctl bench: {res['recipe']} on {res['processes']}x {res['device']}", title_justify="left",
+              show_header=False)
+    t.add_column(style="cyan")
+    t.add_column(justify="right")
+    rows = [
+        ("batch", f"{res['micro_batch']} seq x {res['seq_len']} tok x {res['processes']} proc"),
+        ("precision / compile / act. ckpt", f"{res['precision']} / {res['compiled']} / {res['activation_checkpointing']}"),
+        ("step time (mean)", f"{res['step_time_s'] * 1e3:.1f} ms"),
+        ("tokens/s", f"{res['tokens_per_s']:,.0f}"),
+        ("tokens/s per GPU", f"{res['tokens_per_s_per_gpu']:,.0f}"),
+        ("MFU", f"{res['mfu']:.1%}" if res.get("mfu") else "n/a (CPU or unknown GPU)"),
+        ("peak memory", f"{res['peak_memory_gib']:.1f} GiB" if res.get("peak_memory_gib") else "n/a"),
+        ("first step (compile)", f"{res['compile_time_s']:.1f} s"),
+        ("loss first -> last", f"{res['loss_first']:.3f} -> {res['loss_last']:.3f}"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    console().print(t)

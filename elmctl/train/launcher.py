@@ -1,0 +1,294 @@
+"""What `elmctl pretrain` does, minus the printing: resolve, plan, record, lock, launch, finish.
+
+``prepare`` has no side effects (it is all `--dry-run` runs). ``execute`` creates (or reopens) the
+run in the store, writes the run folder, takes the GPU locks and trains: in this process for one
+process, else under torchrun with ``elmctl.train.worker``, supervised (log tee'd to train.log,
+Ctrl-C forwarded as SIGTERM so workers checkpoint and stop).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from elmctl.errors import RuntimeFailure, UsageError
+
+__all__ = ["PretrainRequest", "prepare", "execute"]
+
+
+@dataclass
+class PretrainRequest:
+    recipe: str | None = None
+    data: str | None = None
+    gpus: str | None = None
+    device: str | None = None
+    nproc: int | None = None
+    max_steps: int | None = None
+    micro_batch: int | None = None
+    checkpoint_every: int | None = None
+    eval_every: int | None = None
+    log_every: int | None = None
+    overrides: list[str] = field(default_factory=list)
+    name: str | None = None
+    resume: str | None = None
+    allow_topology_change: bool = False
+    compile: bool = True
+    wait: bool = False
+    store: str | None = None
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+    slurm: bool = False
+
+
+def _resolve_devices(req: PretrainRequest, saved: dict[str, Any]):
+    """(device, gpu indices, gpu name, gpu memory GiB, processes on this node)."""
+    from elmctl.launch import gpus as G
+
+    device = req.device or saved.get("device") or "cuda"
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device!r}: use cuda or cpu")
+    if device == "cpu":
+        if req.gpus not in (None, "", "0"):
+            raise UsageError(f"--gpus {req.gpus} conflicts with --device cpu", hint="drop one of the two options")
+        nproc = req.nproc or (saved.get("nproc") if req.device is None else None) or 1
+        return "cpu", [], None, None, int(nproc)
+    if req.nproc is not None:
+        raise UsageError("--nproc is for CPU processes (--device cpu); on GPUs use --gpus")
+    from elmctl.launch.locks import holders
+
+    found = G.discover()
+    spec = req.gpus if req.gpus is not None else saved.get("gpus_arg")
+    chosen = G.select(spec, found, device="cuda", busy=set(holders()))
+    info = {g.index: g for g in found}
+    first = info.get(chosen[0]) if chosen else None
+    return "cuda", chosen, (first.name if first else None), (first.memory_gib if first else None), len(chosen)
+
+
+def prepare(req: PretrainRequest):
+    """Resolve recipe, data and devices into a plan. Writes nothing. Returns (plan, recipe)."""
+    from elmctl.config import load_recipe
+    from elmctl.data import resolve_data_dir
+    from elmctl.train.plan import make_plan
+
+    saved: dict[str, Any] = {}
+    run_dir = "<ELMCTL_HOME>/runs/<new run id>"
+    if req.resume:
+        from elmctl.store import Store
+        from elmctl.train.pretrain import read_run_files
+
+        if req.overrides or req.recipe:
+            raise UsageError("--resume continues a run with its own recipe; --recipe/--set cannot change it",
+                             hint="start a new run to train with another recipe")
+        with Store(req.store) as store:
+            run = store.get_run(req.resume)
+        if not Path(run.run_dir, "options.json").is_file():
+            raise UsageError(f"run {run.label} has no run folder at {run.run_dir}", hint="it cannot be resumed")
+        recipe, saved = read_run_files(Path(run.run_dir))
+        data_dir = req.data or saved["data_dir"]
+        run_dir = run.run_dir
+    else:
+        if not req.recipe:
+            raise UsageError("--recipe is required", hint="e.g. --recipe tiny (see: elmctl recipe list)")
+        if not req.data:
+            raise UsageError("--data is required", hint="prepare data with `elmctl data prepare` or `elmctl data demo`")
+        recipe = load_recipe(req.recipe, req.overrides or None)
+        data_dir = req.data
+    data_dir = str(resolve_data_dir(data_dir, "pretrain").resolve())
+    _check_vocab(data_dir, recipe)
+    device, gpu_ids, gpu_name, gpu_mem, nproc = _resolve_devices(req, saved)
+    compile_model = req.compile and device == "cuda"
+    plan = make_plan(
+        recipe, device=device, gpus=gpu_ids, gpu_name=gpu_name, gpu_mem_gib=gpu_mem, nproc=nproc, nnodes=req.nnodes,
+        micro_batch=req.micro_batch if req.micro_batch is not None else (saved.get("micro_batch") if req.nproc is None and req.gpus is None else None),
+        max_steps=req.max_steps if req.max_steps is not None else saved.get("max_steps"),
+        compile_model=compile_model, run_dir=run_dir, data_dir=data_dir,
+        worker_args=["elmctl.train.worker", "--run-dir", run_dir], rdzv_endpoint=req.rdzv_endpoint,
+        node_rank=req.node_rank if req.nnodes > 1 else 0,
+    )
+    if req.resume:
+        _check_topology(req, plan)
+    return plan, recipe
+
+
+def _check_vocab(data_dir: str, recipe) -> None:
+    import json
+
+    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    vocab = int(manifest.get("vocab_size", 0))
+    if vocab > recipe.model.padded_vocab_size:
+        raise UsageError(
+            f"the data's tokenizer has {vocab} tokens but recipe {recipe.id} has only "
+            f"{recipe.model.padded_vocab_size} embedding rows",
+            hint="prepare the data with the recipe's tokenizer, or use a recipe with a larger vocabulary",
+        )
+
+
+def _check_topology(req: PretrainRequest, plan) -> None:
+    from elmctl.train.checkpoint import find_resumable
+    from elmctl.train.plan import topology_diff
+
+    try:
+        info, _ = find_resumable(plan.run_dir)
+    except RuntimeFailure:
+        info = None  # reported (with its reason) when the run starts
+    if info is None:
+        return
+    diff = topology_diff(info.meta, plan)
+    if diff and not req.allow_topology_change:
+        raise UsageError(
+            "this launch differs from the run's checkpoint:\n  " + "\n  ".join(diff),
+            hint="launch with the same processes and batch, or pass --allow-topology-change "
+                 "(the data position is kept in sequences; the loss curve will not match exactly)",
+        )
+
+
+def _options(req: PretrainRequest, plan, run_id: str, store_url: str) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "store_url": None if "@" in store_url else store_url,  # passwords travel in the environment only
+        "data_dir": plan.data_dir,
+        "device": plan.device,
+        "gpus_arg": req.gpus,
+        "nproc": plan.nproc,
+        "world_size": plan.world_size,
+        "micro_batch": plan.micro_batch,
+        "grad_accumulation": plan.grad_accumulation,
+        "seq_len": plan.seq_len,
+        "max_steps": plan.max_steps,
+        "checkpoint_every": req.checkpoint_every,
+        "eval_every": req.eval_every,
+        "log_every": req.log_every or (1 if plan.device == "cpu" else 10),
+        "compile": plan.compile,
+        "resume": bool(req.resume),
+    }
+
+
+def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = None,
+            on_event: Callable[[str], None] | None = None, on_line: Callable[[str], None] | None = None) -> dict:
+    """Record and run; returns {run_id, label, status, step, metrics, error, run_dir, warnings}."""
+    import json
+
+    from elmctl.store import Store
+    from elmctl.train.pretrain import write_run_files
+
+    store = Store(req.store)
+    try:
+        pt = recipe.pretrain
+        if req.resume:
+            run = store.get_run(req.resume)
+            from elmctl.launch.supervise import pid_alive
+
+            if run.status in ("running", "queued") and run.pid and run.host == os.uname().nodename and pid_alive(run.pid):
+                raise UsageError(f"run {run.label} is still {run.status} (pid {run.pid})", hint="wait for it or stop it first")
+            old = json.loads(Path(run.run_dir, "options.json").read_text())
+            opts = _options(req, plan, run.id, store.url)
+            for key in ("checkpoint_every", "eval_every"):
+                opts[key] = opts[key] or old.get(key)
+            run_dir = Path(run.run_dir)
+            (run_dir / "options.json").write_text(json.dumps(opts, indent=2))
+            store.reopen(run.id, devices=_devices(plan))
+        else:
+            run = store.create_run("pretrain", recipe.id, recipe.model_dump(mode="json"), name=req.name,
+                                   status="queued", devices=_devices(plan), config={})
+            run_dir = Path(run.run_dir)
+            opts = _options(req, plan, run.id, store.url)
+            opts["checkpoint_every"] = opts["checkpoint_every"] or pt.checkpoint_every
+            opts["eval_every"] = opts["eval_every"] or pt.eval_every
+            write_run_files(run_dir, recipe, opts)
+            store.update_run(run.id, config={k: v for k, v in opts.items() if k != "store_url"})
+        plan.run_dir = str(run_dir)
+        if req.slurm:
+            return _write_slurm(req, plan, run, store)
+        lease = None
+        if plan.device == "cuda":
+            from elmctl.launch.locks import acquire
+
+            try:
+                lease = acquire(plan.gpus, run.id, wait=req.wait,
+                                on_wait=lambda h: on_event and on_event(f"waiting for GPUs held by other runs: {sorted(h)}"))
+            except BaseException as exc:  # busy (or Ctrl-C while queued): the run never started
+                store.update_run(run.id, status="cancelled" if isinstance(exc, KeyboardInterrupt) else "failed",
+                                 error=getattr(exc, "message", None) or type(exc).__name__)
+                raise
+        try:
+            if plan.in_process:
+                if plan.device == "cuda":  # CUDA is not initialised yet in this process: pin the GPU
+                    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+                    os.environ["CUDA_VISIBLE_DEVICES"] = str(plan.gpus[0])
+                result = _run_in_process(run_dir, store.url, on_log, on_event)
+                warnings = result.warnings
+            else:
+                warnings = []
+                code = _run_torchrun(plan, run, store, lease, on_line)
+                if code != 0:
+                    current = store.get_run(run.id)
+                    if current.status in ("running", "queued"):
+                        store.update_run(run.id, status="failed", error=f"torchrun exited with status {code}")
+        finally:
+            if lease is not None:
+                lease.release()
+        final = store.get_run(run.id)
+        metrics = store.latest_metrics(run.id)
+        return {"run_id": run.id, "label": final.label, "status": final.status, "step": final.step,
+                "metrics": metrics, "error": final.error, "run_dir": str(run_dir), "warnings": warnings}
+    finally:
+        store.close()
+
+
+def _devices(plan) -> str:
+    return "cpu" if plan.device == "cpu" else ",".join(map(str, plan.gpus))
+
+
+def _run_in_process(run_dir: Path, store_url: str, on_log, on_event):
+    from elmctl.train.pretrain import run_pretrain
+
+    stop = {"flag": False}
+
+    def _stop(signum, _frame):
+        if stop["flag"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # second Ctrl-C: give up at once
+        stop["flag"] = True
+        if on_event:
+            on_event("stopping at the next step boundary (checkpoint, then cancelled)...")
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _stop)
+    try:
+        return run_pretrain(run_dir, should_stop=lambda: stop["flag"], on_log=on_log, on_event=on_event,
+                            store_url=store_url)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_torchrun(plan, run, store, lease, on_line) -> int:
+    from elmctl.launch.supervise import run_supervised
+    from elmctl.launch.torchrun import build_env
+
+    env = build_env(plan.gpus if plan.device == "cuda" else [], nproc=plan.nproc, extra={"ELMCTL_STORE": store.url})
+    cmd = [*plan.command[:-1], plan.run_dir]  # the plan was made before the run (and its folder) existed
+    store.update_run(run.id, pid=os.getpid())
+
+    def on_signal(signum: int) -> None:
+        if on_line:
+            on_line("stopping: workers checkpoint at the next step boundary...")
+
+    return run_supervised(cmd, env, Path(plan.run_dir) / "train.log", on_line=on_line,
+                          pass_fds=lease.fds if lease else (), on_signal=on_signal)
+
+
+def _write_slurm(req, plan, run, store) -> dict:
+    from elmctl.launch.slurm import write_sbatch
+
+    path = write_sbatch(Path(plan.run_dir) / "train.sbatch", job_name=f"elmctl-{run.id}", nodes=req.nnodes,
+                        gpus_per_node=max(1, plan.nproc), command_args=["elmctl.train.worker", "--run-dir", plan.run_dir],
+                        run_dir=plan.run_dir, env={"ELMCTL_STORE": store.url})
+    return {"run_id": run.id, "label": run.label, "status": "queued", "step": 0, "metrics": {}, "error": None,
+            "run_dir": plan.run_dir, "warnings": [f"submit with: sbatch {path}"]}

@@ -1,0 +1,141 @@
+"""The launch plan of a pre-training run: devices, batch split, memory, command (no side effects).
+
+``elmctl pretrain --dry-run`` prints it; the launch uses the same object, so what is shown is what
+runs. Pure apart from reading the GPU list handed in.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from elmctl.errors import UsageError
+
+__all__ = ["PretrainPlan", "split_batch", "make_plan", "topology_diff"]
+
+
+@dataclass
+class PretrainPlan:
+    recipe_id: str
+    device: str  # "cpu" | "cuda"
+    gpus: list[int]
+    gpu_name: str | None
+    gpu_mem_gib: float | None
+    nproc: int  # processes on this node
+    nnodes: int
+    world_size: int
+    micro_batch: int
+    grad_accumulation: int
+    global_batch: int
+    seq_len: int
+    max_steps: int
+    tokens_per_step: int
+    memory_gib: float | None
+    fits: bool | None
+    compile: bool
+    in_process: bool
+    command: list[str] | None
+    run_dir: str
+    data_dir: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def split_batch(global_batch: int, world_size: int, micro_batch: int | None, max_micro: int) -> tuple[int, int]:
+    """(micro_batch, grad_accumulation) with micro * accumulation * world == global batch.
+
+    Raises:
+        UsageError: the global batch does not split over the processes or the micro-batch.
+    """
+    if global_batch % world_size:
+        ok = [w for w in range(1, global_batch + 1) if global_batch % w == 0]
+        raise UsageError(
+            f"the recipe's global batch of {global_batch} sequences does not split over {world_size} processes",
+            hint=f"use a process count that divides it: {', '.join(map(str, ok))}",
+        )
+    per_rank = global_batch // world_size
+    if micro_batch is None:
+        micro_batch = max(m for m in range(1, min(per_rank, max_micro) + 1) if per_rank % m == 0)
+    if micro_batch < 1 or per_rank % micro_batch:
+        ok = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
+        raise UsageError(
+            f"--micro-batch {micro_batch} does not divide the {per_rank} sequences each of the {world_size} "
+            f"process(es) handles per step (global batch {global_batch})",
+            hint=f"micro-batch values that work: {', '.join(map(str, ok))}",
+        )
+    return micro_batch, per_rank // micro_batch
+
+
+def make_plan(
+    recipe,
+    *,
+    device: str,
+    gpus: list[int],
+    gpu_name: str | None,
+    gpu_mem_gib: float | None,
+    nproc: int,
+    nnodes: int,
+    micro_batch: int | None,
+    max_steps: int | None,
+    compile_model: bool,
+    run_dir: str,
+    data_dir: str,
+    worker_args: list[str],
+    rdzv_endpoint: str | None = None,
+    node_rank: int | None = 0,
+) -> PretrainPlan:
+    from elmctl.config.derived import GIB, memory_estimate
+
+    pt, mcfg = recipe.pretrain, recipe.model
+    world = nproc * nnodes
+    global_batch = pt.sequences_per_gpu * pt.num_gpus
+    notes = []
+    max_micro = pt.sequences_per_gpu
+    if micro_batch is None and device == "cuda" and gpu_mem_gib:
+        # Largest micro-batch the estimate fits in this GPU's memory.
+        per_rank = global_batch // world if global_batch % world == 0 else 1
+        for m in sorted((m for m in range(1, min(per_rank, max_micro) + 1) if per_rank % m == 0), reverse=True):
+            est = memory_estimate(mcfg, m, checkpointing=pt.activation_checkpointing,
+                                  fsdp_shards=world if pt.fsdp else 1)["total"] / GIB
+            if est <= gpu_mem_gib * 0.95:
+                max_micro = m
+                break
+        else:
+            max_micro = 1
+    micro, accum = split_batch(global_batch, world, micro_batch, max_micro)
+    mem = fits = None
+    if device == "cuda":
+        mem = memory_estimate(mcfg, micro, checkpointing=pt.activation_checkpointing,
+                              fsdp_shards=world if pt.fsdp else 1)["total"] / GIB
+        fits = gpu_mem_gib is None or mem <= gpu_mem_gib
+        if not fits:
+            notes.append(f"estimated {mem:.1f} GiB per GPU exceeds {gpu_mem_gib:.0f} GiB: try --micro-batch 1 "
+                         "or a recipe with activation_checkpointing")
+    in_process = world == 1
+    command = None
+    if not in_process:
+        from elmctl.launch.torchrun import build_command
+
+        command = build_command(nproc, worker_args, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
+                                python=sys.executable)
+    steps = max_steps if max_steps is not None else pt.max_iterations
+    return PretrainPlan(
+        recipe_id=recipe.id, device=device, gpus=list(gpus), gpu_name=gpu_name, gpu_mem_gib=gpu_mem_gib,
+        nproc=nproc, nnodes=nnodes, world_size=world, micro_batch=micro, grad_accumulation=accum,
+        global_batch=global_batch, seq_len=mcfg.context_length, max_steps=steps,
+        tokens_per_step=global_batch * mcfg.context_length, memory_gib=mem, fits=fits, compile=compile_model,
+        in_process=in_process, command=command, run_dir=run_dir, data_dir=data_dir, notes=notes,
+    )
+
+
+def topology_diff(saved: dict[str, Any], plan: PretrainPlan) -> list[str]:
+    """Differences between a checkpoint's topology and this launch (empty: same)."""
+    diff = []
+    if int(saved.get("world_size", plan.world_size)) != plan.world_size:
+        diff.append(f"processes: checkpoint {saved['world_size']}, this launch {plan.world_size}")
+    if int(saved.get("global_batch", plan.global_batch)) != plan.global_batch:
+        diff.append(f"global batch: checkpoint {saved['global_batch']} sequences, this launch {plan.global_batch}")
+    return diff

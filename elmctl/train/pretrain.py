@@ -1,0 +1,281 @@
+"""Pre-training: build model, data, objective and optimizer from a run folder, then run the loop.
+
+The same function serves the in-process path (one process, called by ``elmctl pretrain``) and the
+torchrun worker (``elmctl.train.worker``). Everything it needs is in the run folder:
+
+    <run_dir>/recipe.json    the resolved recipe (``Recipe.model_dump(mode="json")``)
+    <run_dir>/options.json   launch options (see :func:`write_run_files`), incl. run id and store URL
+    <run_dir>/train.log      progress lines (rank 0)
+    <run_dir>/checkpoints/   see :mod:`elmctl.train.checkpoint`
+
+Data order is deterministic: optimizer step s reads global sequences [s*G, (s+1)*G) of the train
+split (G = global batch), sequence i being tokens [i*T, i*T + T] (T+1 tokens: inputs and shifted
+labels); rank r reads its contiguous share, micro-batch by micro-batch. The data position is
+therefore the step count, and a resumed run reads exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from elmctl.train import dist as D
+from elmctl.train.checkpoint import find_resumable, load_checkpoint_files, save_checkpoint
+from elmctl.train.loop import Hooks, LoopConfig, LoopResult, train
+from elmctl.train.objectives import lm_objective, shift_labels
+from elmctl.train.optim import build_adamw
+from elmctl.train.schedule import pretrain_schedule
+
+__all__ = ["PretrainBatches", "write_run_files", "read_run_files", "run_pretrain", "gpu_peak_flops"]
+
+
+class PretrainBatches:
+    """This rank's micro-batches of packed sequences: {input_ids, labels} [micro_batch, T] (CPU)."""
+
+    def __init__(self, dataset, *, seq_len: int, micro_batch: int, grad_accumulation: int, rank: int = 0,
+                 world_size: int = 1, pad_id: int | None = None, pin: bool = False):
+        self.dataset, self.seq_len, self.micro_batch = dataset, seq_len, micro_batch
+        self.grad_accumulation, self.rank, self.world_size = grad_accumulation, rank, world_size
+        self.pad_id, self.pin = pad_id, pin
+        self.global_batch = micro_batch * grad_accumulation * world_size
+        self.next_sequence = 0  # first global sequence of the current optimizer step
+        self.micro = 0  # micro-batches of this step already handed out
+
+    def sequences(self, first: int, count: int) -> torch.Tensor:
+        T = self.seq_len
+        span = self.dataset.read(first * T, count * T + 1)  # consecutive sequences share boundaries
+        rows = np.lib.stride_tricks.sliding_window_view(span, T + 1)[::T][:count]
+        return torch.from_numpy(np.ascontiguousarray(rows))
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        per_rank = self.micro_batch * self.grad_accumulation
+        first = self.next_sequence + self.rank * per_rank + self.micro * self.micro_batch
+        tokens = self.sequences(first, self.micro_batch)
+        if self.pin:
+            tokens = tokens.pin_memory()
+        self.micro += 1
+        if self.micro == self.grad_accumulation:
+            self.micro = 0
+            self.next_sequence += self.global_batch
+        ids, labels = shift_labels(tokens, self.pad_id)
+        return {"input_ids": ids, "labels": labels}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_sequence": self.next_sequence, "micro": self.micro, "global_batch": self.global_batch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next_sequence, self.micro = int(state["next_sequence"]), int(state["micro"])
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the detected GPU (``GPU_PEAK_BF16_FLOPS``), None on CPU/unknown cards."""
+    if device.type != "cuda":
+        return None
+    from elmctl.config.derived import GPU_PEAK_BF16_FLOPS
+
+    name = torch.cuda.get_device_name(device).upper()
+    return next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def write_run_files(run_dir: Path, recipe, options: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
+    (run_dir / "options.json").write_text(json.dumps(options, indent=2))
+
+
+def read_run_files(run_dir: Path):
+    from elmctl.config.schema import Recipe
+
+    recipe = Recipe.model_validate(json.loads((run_dir / "recipe.json").read_text()))
+    options = json.loads((run_dir / "options.json").read_text())
+    return recipe, options
+
+
+@dataclass
+class PretrainResult:
+    status: str
+    step: int
+    metrics: dict[str, float]
+    warnings: list[str]
+    error: str | None = None
+
+
+def _make_eval(objective, dataset, options, info: D.DistInfo, pad_id) -> Callable:
+    mb = options["micro_batch"]
+    n_batches = max(1, options.get("eval_sequences", 64) // (mb * info.world_size))
+    source = PretrainBatches(dataset, seq_len=options["seq_len"], micro_batch=mb, grad_accumulation=n_batches,
+                             rank=info.rank, world_size=info.world_size, pad_id=pad_id)
+
+    def eval_fn(forward) -> dict[str, float]:
+        source.next_sequence, source.micro = 0, 0  # the same validation sequences every time
+        sums = None
+        for _ in range(n_batches):
+            loss, metrics = forward(source.next_batch())
+            vec = torch.stack([loss.float(), metrics["ce"].float()])
+            sums = vec if sums is None else sums + vec
+        sums = D.all_reduce_mean(sums / n_batches).tolist()
+        return {"val_loss": sums[0], "val_ce": sums[1]}
+
+    return eval_fn
+
+
+def run_pretrain(
+    run_dir: str | os.PathLike,
+    *,
+    should_stop: Callable[[], bool] | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
+    log_path: str | os.PathLike | None = "train.log",
+    store_url: str | None = None,
+) -> PretrainResult:
+    """Train the run in ``run_dir`` (fresh or resumed from its newest good checkpoint).
+
+    Rank 0 records metrics, checkpoints and the final status in the store named in options.json.
+    ``on_log``/``on_event`` are for the CLI's progress display (rank 0 only). ``log_path`` (relative
+    to the run folder) receives the event lines; None when a supervisor already tees stdout there.
+    """
+    from elmctl.data.shards import TokenDataset
+    from elmctl.store import Store
+
+    run_dir = Path(run_dir)
+    recipe, opt = read_run_files(run_dir)
+    pt, mcfg = recipe.pretrain, recipe.model
+    device_type = opt["device"]
+    info = D.init_distributed(device_type)
+    store = Store(store_url or os.environ.get("ELMCTL_STORE") or opt.get("store_url")) if info.is_main else None
+    run_id = opt["run_id"]
+    log_file = open(run_dir / log_path, "a") if (info.is_main and log_path) else None
+    warnings: list[str] = []
+
+    def event(msg: str) -> None:
+        if log_file:
+            log_file.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+            log_file.flush()
+        if on_event and info.is_main:
+            on_event(msg)
+
+    try:
+        D.seed_everything(pt.seed)
+        from elmctl.model import OpenELM
+
+        model = OpenELM(mcfg, activation_checkpointing=pt.activation_checkpointing)
+        on_gpu = device_type == "cuda"
+        runner = D.wrap_model(model, device=info.device, compile_model=bool(opt["compile"]),
+                              fsdp=pt.fsdp and info.world_size > 1, fsdp_bf16=pt.precision == "bf16" and on_gpu)
+        optimizer = build_adamw(model, lr=pt.warmup_init_lr, betas=pt.adam_betas, eps=pt.adam_eps,
+                                weight_decay=pt.weight_decay)
+        objective = lm_objective(z_loss_coef=pt.z_loss_coef if pt.z_loss else 0.0)
+        pad_id = mcfg.pad_token_id
+        train_data = TokenDataset(opt["data_dir"], "train")
+        batches = PretrainBatches(train_data, seq_len=opt["seq_len"], micro_batch=opt["micro_batch"],
+                                  grad_accumulation=opt["grad_accumulation"], rank=info.rank,
+                                  world_size=info.world_size, pad_id=pad_id, pin=on_gpu)
+        try:
+            eval_fn = _make_eval(objective, TokenDataset(opt["data_dir"], "val"), opt, info, pad_id)
+        except Exception as exc:  # no validation split: train without evaluation
+            eval_fn = None
+            event(f"no validation data ({exc}); evaluation off")
+
+        start_step = 0
+        if opt.get("resume"):
+            expected = {}
+            if store is not None:
+                expected = {c.step: c.meta.get("sha256") for c in store.checkpoints(run_id) if c.meta.get("sha256")}
+            ckpt, warns = find_resumable(run_dir, expected)
+            for w in warns:
+                event("warning: " + w)
+            warnings += warns
+            if ckpt is not None:
+                mstate, ostate, tstate = load_checkpoint_files(ckpt)
+                D.load_model_state(runner, mstate)
+                D.load_optimizer_state(runner, optimizer, ostate)
+                batches.load_state_dict(tstate["data"])
+                rngs = tstate["rng"]
+                D.set_rng_state(rngs[info.rank % len(rngs)])
+                start_step = int(tstate["step"])
+                if store is not None:
+                    store.discard_metrics_after(run_id, start_step)
+                event(f"resumed from {ckpt.path.name} (step {start_step})")
+
+        from elmctl.config.derived import flops_per_token
+
+        G = batches.global_batch
+        flops = flops_per_token(mcfg, opt["seq_len"])
+        cfg = LoopConfig(
+            max_steps=opt["max_steps"], grad_accumulation=opt["grad_accumulation"], grad_clip=pt.grad_clip,
+            precision=pt.precision if on_gpu else "fp32", log_every=opt["log_every"],
+            eval_every=opt.get("eval_every"), checkpoint_every=opt.get("checkpoint_every"),
+            tokens_per_step=G * opt["seq_len"], flops_per_token=flops,
+            peak_flops_per_device=gpu_peak_flops(info.device),
+        )
+
+        def on_checkpoint(step: int, final: bool) -> None:
+            mstate = D.model_state(runner)
+            ostate = D.optimizer_state(runner, optimizer)
+            rngs = D.gather_objects(D.rng_state())
+            if info.is_main:
+                tstate = {"step": step, "data": batches.state_dict(), "rng": rngs,
+                          "schedule": {"kind": "corenet_cosine", "step": step}}
+                meta = {"world_size": info.world_size, "global_batch": G, "micro_batch": opt["micro_batch"],
+                        "grad_accumulation": opt["grad_accumulation"], "recipe_id": recipe.id, "run_id": run_id}
+                ckpt = save_checkpoint(run_dir, step, model_state=mstate, optimizer_state=ostate,
+                                       train_state=tstate, keep=pt.keep_checkpoints, final=final, meta=meta)
+                store.add_checkpoint(run_id, step, str(ckpt.path), meta={**meta, "sha256": ckpt.sha256, "final": final})
+                event(f"checkpoint {ckpt.path.name}")
+            if info.world_size > 1:
+                torch.distributed.barrier()
+
+        def log(step: int, m: dict[str, float]) -> None:
+            if store is not None:
+                store.log_metrics(run_id, step, m)
+            if "tokens_per_s" in m:
+                event(f"step {step}/{cfg.max_steps} loss {m['loss']:.4f} lr {m['lr']:.3g} "
+                      f"grad_norm {m['grad_norm']:.3g} tok/s {m['tokens_per_s']:.0f}")
+            if on_log:
+                on_log(step, m)
+
+        def on_eval(step: int, m: dict[str, float]) -> None:
+            if store is not None:
+                store.log_metrics(run_id, step, m)
+            event(f"eval step {step}: val_loss {m['val_loss']:.4f}")
+            if on_log:
+                on_log(step, m)
+
+        if store is not None:
+            store.update_run(run_id, status="running", pid=os.getpid(), error=None)
+        event(f"training steps {start_step + 1}..{cfg.max_steps}: {info.world_size} process(es) x "
+              f"{opt['micro_batch']} x {opt['grad_accumulation']} = {G} sequences of {opt['seq_len']} tokens")
+        result: LoopResult = train(
+            runner, optimizer, objective, batches, cfg, lr_at=pretrain_schedule(pt), device=info.device,
+            start_step=start_step, eval_fn=eval_fn,
+            hooks=Hooks(on_log=log if info.is_main else None, on_eval=on_eval if info.is_main else None,
+                        on_checkpoint=on_checkpoint, should_stop=should_stop),
+        )
+        error = None
+        if result.status == "diverged":
+            from elmctl.train.checkpoint import list_checkpoints
+
+            ck = list_checkpoints(run_dir)
+            keep = f"; last good checkpoint {ck[-1][1].name}" if ck else "; no checkpoint was written"
+            error = f"loss or gradient became NaN/inf by step {result.step}{keep}"
+        if store is not None:
+            store.update_run(run_id, status=result.status, step=result.step, error=error)
+        event(f"{result.status} at step {result.step}" + (f": {error}" if error else ""))
+        return PretrainResult(result.status, result.step, result.metrics, warnings, error)
+    except BaseException as exc:
+        if store is not None and not isinstance(exc, KeyboardInterrupt):
+            store.update_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        event(f"failed: {type(exc).__name__}: {exc}")
+        raise
+    finally:
+        if log_file:
+            log_file.close()
+        if store is not None:
+            store.close()
