@@ -23,6 +23,7 @@ app = typer.Typer(
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow; single newlines do not break lines
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
