@@ -1,0 +1,14 @@
+"""Learning-rate x epoch sweeps over instruction tuning (``elmctl tune-sweep``).
+
+- :mod:`elmctl.sweep.study`: the Optuna study in the store's database, grid cells, resume and retry
+  bookkeeping (pure functions over FrozenTrials plus the few calls that write the study).
+- :mod:`elmctl.sweep.scheduler`: device slots and trial processes (one process group per trial).
+- :mod:`elmctl.sweep.driver`: the loop that claims cells, starts trials on free slots, turns per-epoch
+  metrics into intermediate values, prunes, and records results. Only the driver writes the study.
+
+Nothing here imports torch; optuna and sqlalchemy are imported by the modules that need them.
+"""
+
+from __future__ import annotations
+
+__all__ = ["study", "scheduler", "driver"]

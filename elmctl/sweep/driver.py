@@ -1,0 +1,427 @@
+"""The ``tune-sweep`` driver: the only writer of the study.
+
+Loop (one process, one thread):
+1. open the study in the store's database; fail trials left RUNNING by a dead driver (their cells
+   are retried) and clean up their store runs and stray processes;
+2. while a slot is free and a cell is pending: claim the cell (trial RUNNING, see
+   :func:`elmctl.sweep.study.claim_cell`), record a ``tune`` run for it in the store, start
+   ``python -m elmctl tune ... --run-id ID`` on the slot;
+3. every ``poll_s``: read each running trial's per-epoch metrics from the store (the trial writes
+   ``epoch`` plus ``eval_loss``/``reward_accuracy``/``reward_margin`` at the same step) and report
+   them as intermediate values (step = epoch, 1-based); ask the pruner; a pruned trial's process
+   group is stopped (SIGTERM, then SIGKILL);
+4. a trial that exits 0 is told COMPLETE with the metric of its last epoch; any other exit is FAIL
+   (reason ``error``, counted against ``--max-retries``);
+5. Ctrl-C / SIGTERM: stop every trial, tell them FAIL with reason ``interrupted`` (not counted), mark
+   their runs cancelled, return. The study is consistent; rerunning the command resumes it.
+
+Fault injection (tests, and rehearsing failure handling): ``ELMCTL_FAIL_TRIAL_CELL=LR,EPOCHS``
+makes the first ``ELMCTL_FAIL_TRIAL_TIMES`` (default 1) attempts of that cell fail right after they
+start (the trial sees ``ELMCTL_INJECT_FAILURE=1``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from elmctl.sweep import study as S
+from elmctl.sweep.scheduler import Slot, TrialProcess, stop_process_group
+
+__all__ = ["SweepSpec", "TrialView", "SweepDriver", "trial_command", "summarize"]
+
+EVAL_KEYS = ("eval_loss", "reward_accuracy", "reward_margin")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """Everything a sweep needs; validated by the CLI before the driver starts."""
+
+    recipe: str  # id or absolute path, passed on to trials
+    base: str
+    data: str
+    lrs: tuple[float, ...]
+    epochs: tuple[int, ...]
+    loss: str
+    study: str
+    storage_url: str
+    store_url: str
+    metric: str = "eval_loss"
+    pruner: str = "none"
+    max_retries: int = 1
+    sampler: str = "grid"
+    n_trials: int | None = None
+    overrides: tuple[str, ...] = ()
+    precompute_ref: bool = False
+    seed: int = 42
+
+    @property
+    def direction(self) -> str:
+        return S.METRIC_DIRECTIONS[self.metric]
+
+    @property
+    def cells(self) -> list[S.Cell]:
+        return S.grid_cells(self.lrs, self.epochs)
+
+    def identity(self) -> dict[str, Any]:
+        """What must not change when the study is resumed."""
+        return {"recipe": self.recipe, "base": self.base, "data": self.data, "loss": self.loss,
+                "metric": self.metric, "sampler": self.sampler, "overrides": list(self.overrides)}
+
+
+@dataclass
+class TrialView:
+    """What the live view shows about one trial of this driver."""
+
+    number: int
+    cell: S.Cell
+    slot: str
+    run_id: str
+    state: str = "running"  # running | complete | pruned | failed | interrupted
+    epoch: int = 0
+    value: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    reason: str | None = None
+
+
+def trial_command(spec: SweepSpec, cell: S.Cell, slot: Slot, run_id: str, number: int,
+                  master_port: int | None = None) -> list[str]:
+    """``python -m elmctl tune ...`` for one trial on one slot (torchrun on ``master_port`` when K > 1)."""
+    # the store URL travels in the environment (ELMCTL_STORE), not argv: ps shows argv to every user
+    cmd = [sys.executable, "-m", "elmctl", "tune", "--recipe", spec.recipe, "--base", spec.base,
+           "--data", spec.data, "--lr", repr(float(cell.lr)), "--epochs", str(cell.epochs), "--loss", spec.loss,
+           "--run-id", run_id, "--trial-of", spec.study, "--trial-number", str(number)]
+    for ov in spec.overrides:
+        cmd += ["--set", ov]
+    if spec.precompute_ref:
+        cmd.append("--precompute-ref")
+    cmd += ["--device", "cpu"] if slot.devices is None else ["--gpus", str(len(slot.devices))]
+    if master_port is not None:
+        cmd += ["--master-port", str(master_port)]
+    return cmd
+
+
+@dataclass
+class _Active:
+    trial: Any  # optuna.Trial
+    view: TrialView
+    proc: TrialProcess
+    reported: set[int] = field(default_factory=set)
+
+
+class SweepDriver:
+    """Runs a sweep on ``slots``; see the module docstring for the loop.
+
+    Args:
+        spec: the sweep.
+        slots: from :func:`elmctl.sweep.scheduler.plan_slots`.
+        store: an open :class:`elmctl.store.Store` on ``spec.store_url``.
+        on_event: called as ``on_event(kind, view)`` after every change (kind: started, epoch,
+            complete, pruned, failed, interrupted, info); the CLI redraws its live view there.
+    """
+
+    def __init__(self, spec: SweepSpec, slots: list[Slot], store: Any, *, on_event: Callable | None = None,
+                 poll_s: float = 0.5, grace_s: float = 10.0, heartbeat_s: float = 30.0,
+                 stale_after_s: float = 600.0) -> None:
+        self.spec, self.slots, self.store = spec, slots, store
+        self.on_event = on_event or (lambda kind, view: None)
+        self.poll_s, self.grace_s, self.heartbeat_s, self.stale_after_s = poll_s, grace_s, heartbeat_s, stale_after_s
+        self.views: dict[int, TrialView] = {}
+        self.active: dict[int, _Active] = {}
+        self.notes: list[str] = []
+        self.me = S.DriverInfo.current()
+        self.study: Any = None
+        self.interrupted = False
+        self._stop = False
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop every trial and return (signal handlers call this; it is safe anywhere)."""
+        self._stop = True
+
+    # ------------------------------------------------------------------ setup
+    def open(self) -> Any:
+        """Open (or create) the study and reconcile what a dead predecessor left behind."""
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = S.open_storage(self.spec.storage_url)
+        base = optuna.samplers.TPESampler(seed=self.spec.seed) if self.spec.sampler == "tpe" else optuna.samplers.RandomSampler(seed=self.spec.seed)
+        self.sampler = S.CellSampler(base)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if self.spec.pruner == "median" else optuna.pruners.NopPruner()
+        self.study = S.open_study(storage, self.spec.study, direction=self.spec.direction, sampler=self.sampler,
+                                  pruner=pruner, identity=self.spec.identity())
+        self.dists = S.distributions(self.spec.lrs, self.spec.epochs)
+        S.heartbeat(self.study, self.me)
+        self._reconcile()
+        return self.study
+
+    def _reconcile(self) -> None:
+        orphans = S.fail_orphans(self.study, self.me, stale_after_s=self.stale_after_s)
+        if orphans:
+            self._note(f"trials {orphans} were left running by a driver that is gone: marked FAIL (orphaned), their cells will be retried")
+        by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
+        for run in self.store.list_runs(study=self.spec.study, limit=None):
+            t = by_number.get(run.trial) if run.trial is not None else None
+            if not run.is_active or (t is not None and t.state.name == "RUNNING"):
+                continue
+            # the trial is finished (or never existed) but its run still looks alive: stop and close it
+            leader = (t.user_attrs.get("worker_pid") if t is not None else None) or run.pid
+            if leader and run.host == self.me.host and S.process_alive(int(leader)):
+                stop_process_group(int(leader), grace_s=self.grace_s)
+            self.store.set_status(run.id, "failed", error="orphaned: its sweep driver died")
+        self.store.mark_dead_runs()
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> dict[str, Any]:
+        """Run until every cell is done (or failed for good); returns :func:`summarize`'s dict."""
+        if self.study is None:
+            self.open()
+        last_beat = time.monotonic()
+        try:
+            while True:
+                if self._stop:
+                    raise KeyboardInterrupt
+                self._poll_active()
+                started = self._fill_slots()
+                if not self.active and not started:
+                    break
+                if time.monotonic() - last_beat > self.heartbeat_s:
+                    S.heartbeat(self.study, self.me)
+                    self._reconcile_remote()
+                    last_beat = time.monotonic()
+                time.sleep(self.poll_s)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self._stop_all("interrupted")
+        return summarize(self.study, self.spec, self.store, interrupted=self.interrupted)
+
+    def _reconcile_remote(self) -> None:
+        orphans = S.fail_orphans(self.study, self.me, stale_after_s=self.stale_after_s)
+        if orphans:
+            self._note(f"trials {orphans} of a driver that stopped its heartbeat: marked FAIL (orphaned)")
+
+    # ------------------------------------------------------------------ starting trials
+    def _next_cell(self) -> tuple[S.Cell | None, int] | None:
+        """(cell to run, attempt number); cell None = ask the sampler (TPE); None = nothing to do."""
+        trials = self.study.get_trials(deepcopy=False)
+        if self.spec.sampler == "grid":
+            ledger = S.cell_ledger(trials, self.spec.cells, self.spec.max_retries)
+            for cell in self.spec.cells:
+                st = ledger[cell.key]
+                if st.state == "pending":
+                    return cell, st.attempts + 1
+            return None
+        ledger = S.cell_ledger(trials, [], self.spec.max_retries)
+        for st in ledger.values():  # retry failed TPE cells with the same params first
+            if st.state == "pending" and st.attempts:
+                return st.cell, st.attempts + 1
+        if len(ledger) < (self.spec.n_trials or 0):
+            return (None, 1)
+        return None
+
+    def _fill_slots(self) -> int:
+        started = 0
+        for slot in self.slots:
+            if not slot.free:
+                continue
+            nxt = self._next_cell()
+            if nxt is None:
+                break
+            cell, attempt = nxt
+            claimed = S.claim_cell(self.study, self.sampler, self.dists, self.me, cell, attrs={"attempt": attempt, "slot": slot.label})
+            if claimed is None:
+                self._note(f"cell {cell.key if cell else '(sampled)'} was claimed by another driver; skipping it")
+                continue
+            trial, cell = claimed
+            self._start(trial, cell, slot, attempt)
+            started += 1
+        return started
+
+    def _start(self, trial: Any, cell: S.Cell, slot: Slot, attempt: int) -> None:
+        from elmctl.errors import UsageError
+
+        cfg = {"lr": cell.lr, "epochs": cell.epochs, "loss": self.spec.loss, "base": self.spec.base,
+               "data": self.spec.data, "attempt": attempt, "slot": slot.label}
+        try:
+            run = self.store.create_run("tune", self.spec.recipe, {}, name=f"{self.spec.study}-t{trial.number}",
+                                        devices=slot.label, config=cfg, study=self.spec.study, trial=trial.number)
+        except UsageError:  # the name is taken (a study deleted and recreated): go unnamed
+            run = self.store.create_run("tune", self.spec.recipe, {}, devices=slot.label, config=cfg,
+                                        study=self.spec.study, trial=trial.number)
+        log_path = os.path.join(run.run_dir, "trial.log")
+        env = {"ELMCTL_STORE": self.spec.store_url}
+        fail = os.environ.get("ELMCTL_FAIL_TRIAL_CELL")
+        if fail and attempt <= int(os.environ.get("ELMCTL_FAIL_TRIAL_TIMES", "1")):
+            lr, ep = fail.split(",")
+            if S.Cell(float(lr), int(ep)) == cell:
+                env["ELMCTL_INJECT_FAILURE"] = "1"
+        port = None
+        if slot.devices is not None and len(slot.devices) > 1:
+            from elmctl.launch.torchrun import free_port
+
+            port = free_port()  # picked by the driver, one trial at a time: trials never race for a port
+            while any(a.view.slot != slot.label and a.proc.command[-1] == str(port) for a in self.active.values()):
+                port = free_port()
+        proc = TrialProcess(trial.number, slot, trial_command(self.spec, cell, slot, run.id, trial.number, port),
+                            _path(log_path), env=env).start()
+        trial.set_user_attr("run_id", run.id)
+        trial.set_user_attr("worker_pid", proc.pid)
+        trial.set_user_attr("log", log_path)
+        slot.trial_number = trial.number
+        view = TrialView(trial.number, cell, slot.label, run.id)
+        self.views[trial.number] = view
+        self.active[trial.number] = _Active(trial, view, proc)
+        self.on_event("started", view)
+
+    # ------------------------------------------------------------------ watching trials
+    def _epoch_metrics(self, run_id: str, known: set[int]) -> dict[int, dict[str, float]]:
+        """Epoch (1-based) -> {metric: value} from the run's store metrics.
+
+        Reads only the ``epoch`` rows unless a new epoch appeared (training steps log many rows).
+        """
+        epochs = {m.step: m.value for m in self.store.metrics(run_id, "epoch")}
+        if not epochs or {int(round(v)) for v in epochs.values()} <= known:
+            return {}
+        by_step: dict[int, dict[str, float]] = {step: {"epoch": v} for step, v in epochs.items()}
+        for key in EVAL_KEYS:
+            for m in self.store.metrics(run_id, key):
+                if m.step in by_step:
+                    by_step[m.step][key] = m.value
+        out = {}
+        for vals in by_step.values():
+            if "epoch" in vals and self.spec.metric in vals:
+                out[int(round(vals["epoch"]))] = vals
+        return dict(sorted(out.items()))
+
+    def _report(self, a: _Active) -> bool:
+        """Report new epochs as intermediate values; True if the pruner says stop."""
+        for epoch, vals in self._epoch_metrics(a.view.run_id, a.reported).items():
+            if epoch in a.reported:
+                continue
+            a.reported.add(epoch)
+            a.trial.report(float(vals[self.spec.metric]), step=epoch)
+            a.view.epoch, a.view.value = epoch, float(vals[self.spec.metric])
+            a.view.metrics = {k: float(v) for k, v in vals.items() if k in EVAL_KEYS}
+            self.on_event("epoch", a.view)
+            if epoch < a.view.cell.epochs and a.trial.should_prune():
+                return True
+        return False
+
+    def _poll_active(self) -> None:
+        for number, a in list(self.active.items()):
+            code = a.proc.poll()
+            prune = self._report(a) if code is None else False
+            if code is None and not prune:
+                continue
+            if prune:
+                a.proc.stop(self.grace_s)
+                self.store.set_status(a.view.run_id, "cancelled", error=f"pruned by tune-sweep after epoch {a.view.epoch}")
+                self._finish(a, "pruned")
+            elif code == 0:
+                self._report(a)
+                if a.view.epoch >= a.view.cell.epochs and a.view.value is not None:
+                    self._finish(a, "complete")
+                else:
+                    self._finish(a, "failed", f"exited 0 after {a.view.epoch} of {a.view.cell.epochs} evaluated epochs")
+            else:
+                self._report(a)
+                run = self.store.get_run(a.view.run_id)
+                if run.is_active:  # killed by a signal before it could record its own failure
+                    self.store.set_status(run.id, "failed", error=f"trial process exited with {code}")
+                detail = run.error or (a.proc.log_tail(400).strip().splitlines() or [""])[-1]
+                self._finish(a, "failed", f"exit {code}: {detail[:300]}")
+
+    def _finish(self, a: _Active, state: str, reason: str | None = None) -> None:
+        from optuna.trial import TrialState
+
+        t, v = a.trial, a.view
+        for k, val in v.metrics.items():
+            t.set_user_attr(k, val)
+        t.set_user_attr("duration_s", round(time.time() - v.started, 1))
+        if state == "complete":
+            self.study.tell(t, v.value)
+        elif state == "pruned":
+            self.study.tell(t, state=TrialState.PRUNED)
+        else:
+            t.set_user_attr("fail_reason", "interrupted" if state == "interrupted" else "error")
+            if reason:
+                t.set_user_attr("fail_detail", reason)
+            self.study.tell(t, state=TrialState.FAIL)
+        v.state, v.reason, v.ended = state, reason, time.time()
+        for slot in self.slots:
+            if slot.trial_number == v.number:
+                slot.trial_number = None
+        del self.active[v.number]
+        self.on_event(state, v)
+
+    def _stop_all(self, why: str) -> None:
+        for a in list(self.active.values()):
+            a.proc.stop(self.grace_s)
+            self.store.set_status(a.view.run_id, "cancelled", error=f"{why}: tune-sweep stopped")
+            self._finish(a, "interrupted", why)
+
+    def _note(self, text: str) -> None:
+        self.notes.append(text)
+        self.on_event("info", text)
+
+
+def _path(p: str):
+    from pathlib import Path
+
+    return Path(p)
+
+
+def summarize(study: Any, spec: SweepSpec, store: Any = None, *, interrupted: bool = False,
+              paper: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sweep's results as plain data: the stable ``--format json`` shape.
+
+    ``{study, storage, metric, direction, interrupted, trials: [{number, params: {lr, epochs},
+    state, value, reward_accuracy, eval_loss, reward_margin, run_id, attempt, fail_reason, ...}],
+    cells: [{lr, epochs, state, value, reward_accuracy, trial, attempts}], best, paper}``
+    """
+    trials = study.get_trials(deepcopy=False)
+    rows = []
+    for t in trials:
+        ua = t.user_attrs
+        rows.append({
+            "number": t.number, "params": {"lr": t.params.get("lr"), "epochs": t.params.get("epochs")},
+            "state": t.state.name, "value": t.value if t.values else None,
+            "reward_accuracy": ua.get("reward_accuracy"), "eval_loss": ua.get("eval_loss"),
+            "reward_margin": ua.get("reward_margin"), "run_id": ua.get("run_id"), "attempt": ua.get("attempt"),
+            "fail_reason": ua.get("fail_reason"), "fail_detail": ua.get("fail_detail"),
+            "duration_s": ua.get("duration_s"), "cell": ua.get("cell"),
+        })
+    grid = spec.cells if spec.sampler == "grid" else []
+    ledger = S.cell_ledger(trials, grid, spec.max_retries)
+    by_number = {r["number"]: r for r in rows}
+    cells = []
+    for st in ledger.values():
+        final = by_number.get(st.final_trial) if st.final_trial is not None else None
+        cells.append({"lr": st.cell.lr, "epochs": st.cell.epochs, "state": st.state, "trial": st.final_trial,
+                      "attempts": st.attempts,
+                      "value": final["value"] if final and st.state in ("complete", "pruned") else None,
+                      "reward_accuracy": final["reward_accuracy"] if final and st.state in ("complete", "pruned") else None})
+    best = None
+    complete = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
+    if complete:
+        pick = min if spec.direction == "minimize" else max
+        b = pick(complete, key=lambda r: r["value"])
+        best = {"number": b["number"], "params": b["params"], "value": b["value"],
+                "reward_accuracy": b["reward_accuracy"], "run_id": b["run_id"]}
+    return {"study": spec.study, "storage": _display(spec.storage_url), "metric": spec.metric,
+            "direction": spec.direction, "interrupted": interrupted, "trials": rows, "cells": cells,
+            "best": best, "paper": paper}
+
+
+def _display(url: str) -> str:
+    try:
+        from elmctl.store._engine import display_url
+
+        return display_url(url)
+    except Exception:  # pragma: no cover
+        return url

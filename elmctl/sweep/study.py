@@ -1,0 +1,488 @@
+"""The sweep's Optuna study: storage, grid cells, resume and retry bookkeeping.
+
+The study lives in the store's database (same SQLAlchemy URL, Optuna's own tables next to the
+``elmctl_`` ones), so ``optuna-dashboard <url>`` and ``optuna.load_study(storage=url)`` read it.
+
+Cells. A cell is one (lr, epochs) pair; every trial carries the user attr ``cell`` (its key) and the
+params ``lr`` (FloatDistribution, log) and ``epochs`` (IntDistribution). Float/int distributions are
+used rather than categorical ones so that a rerun with a widened grid stays compatible with the
+trials already stored. The grid is enumerated by the driver, not by GridSampler, which hands out
+duplicate cells to parallel workers (optuna#4627).
+
+Ledger rules (:func:`cell_ledger`, pure):
+- a cell is *done* once one of its trials is COMPLETE or PRUNED; it never runs again;
+- a cell is *running* while one of its trials is RUNNING;
+- a FAIL counts against ``--max-retries`` only when the trial itself failed (reason ``error``);
+  failures caused by the driver (``interrupted``, ``orphaned``) or by a lost claim
+  (``claim-conflict``) do not use up retries;
+- otherwise the cell is *pending* while its counted failures are <= max_retries, else *failed*.
+
+Claims (several drivers, one study). A driver claims a cell by creating its trial RUNNING with the
+cell's params and attr, then re-reads the study: if any *other* trial of that cell is RUNNING,
+COMPLETE or PRUNED, its claim lost and it fails its own trial with reason ``claim-conflict``. Each
+driver reads after its own write is committed, so of two racing claims the later one always sees
+the earlier: at most one proceeds.
+
+Orphans. A RUNNING trial whose driver is gone is failed with reason ``orphaned`` (retried, not
+counted): on this host the driver's pid (with its start time, against pid reuse) tells; for other
+hosts, a driver heartbeat in the study's user attrs older than ``stale_after_s`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+from elmctl.errors import UsageError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import optuna
+
+__all__ = [
+    "Cell",
+    "CellStatus",
+    "DriverInfo",
+    "METRIC_DIRECTIONS",
+    "COUNTED_FAIL_REASONS",
+    "parse_lrs",
+    "parse_epochs",
+    "grid_cells",
+    "open_storage",
+    "open_study",
+    "cell_ledger",
+    "cell_of",
+    "process_alive",
+    "fail_orphans",
+    "claim_cell",
+    "CellSampler",
+    "distributions",
+]
+
+#: metric -> optimisation direction (the metric of the final epoch is the trial's value)
+METRIC_DIRECTIONS = {"eval_loss": "minimize", "reward_accuracy": "maximize", "reward_margin": "maximize"}
+#: fail reasons that use up a cell's retries (the trial itself broke)
+COUNTED_FAIL_REASONS = ("error",)
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One grid point."""
+
+    lr: float
+    epochs: int
+
+    @property
+    def key(self) -> str:
+        return f"lr={float(self.lr)!r},epochs={int(self.epochs)}"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {"lr": float(self.lr), "epochs": int(self.epochs)}
+
+
+@dataclass
+class CellStatus:
+    """What the study says about one cell."""
+
+    cell: Cell
+    state: str = "pending"  # pending | running | complete | pruned | failed
+    counted_failures: int = 0
+    attempts: int = 0
+    trial_numbers: list[int] = field(default_factory=list)
+    final_trial: int | None = None
+
+
+# ------------------------------------------------------------------ grid parsing (pure)
+
+
+def _split(text: str | Sequence, flag: str) -> list[str]:
+    items = text.split(",") if isinstance(text, str) else [str(x) for x in text]
+    items = [s.strip() for s in items]
+    if not items or any(s == "" for s in items):
+        raise UsageError(f"{flag}: empty value in {text!r}", f"give a comma-separated list, e.g. {flag} 1e-4,3e-4")
+    return items
+
+
+def _no_dups(values: list, flag: str) -> None:
+    dups = sorted({v for v in values if values.count(v) > 1})
+    if dups:
+        raise UsageError(f"{flag}: repeated values {dups}", "each grid value may appear once")
+
+
+def parse_lrs(text: str | Sequence) -> tuple[float, ...]:
+    """'1e-4,3e-4' -> (1e-4, 3e-4). Non-numeric, non-positive, non-finite or repeated -> UsageError."""
+    values: list[float] = []
+    for s in _split(text, "--lrs"):
+        try:
+            v = float(s)
+        except ValueError:
+            raise UsageError(f"--lrs: {s!r} is not a number", "learning rates look like 2e-5 or 0.001") from None
+        if not math.isfinite(v) or v <= 0 or v >= 1:
+            raise UsageError(f"--lrs: learning rate {s} must lie in (0, 1)", "e.g. --lrs 2e-5,3e-5,5e-5")
+        values.append(v)
+    _no_dups(values, "--lrs")
+    return tuple(values)
+
+
+def parse_epochs(text: str | Sequence) -> tuple[int, ...]:
+    """'3,5' -> (3, 5). Non-integers, values < 1 or repeated -> UsageError."""
+    values: list[int] = []
+    for s in _split(text, "--epochs"):
+        try:
+            f = float(s)
+        except ValueError:
+            raise UsageError(f"--epochs: {s!r} is not a number", "epochs are whole numbers, e.g. --epochs 3,5") from None
+        if not f.is_integer() or f < 1:
+            raise UsageError(f"--epochs: {s} is not a whole number >= 1", "e.g. --epochs 3,5,8")
+        values.append(int(f))
+    _no_dups(values, "--epochs")
+    return tuple(values)
+
+
+def grid_cells(lrs: Iterable[float], epochs: Iterable[int]) -> list[Cell]:
+    """Every (lr, epochs) pair, in the order given (lr outer)."""
+    return [Cell(float(lr), int(e)) for lr in lrs for e in epochs]
+
+
+def distributions(lrs: Sequence[float], epochs: Sequence[int]) -> dict[str, Any]:
+    """The params' distributions: lr log-float over the lr range, epochs int over the epoch range."""
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    return {
+        "lr": FloatDistribution(min(lrs), max(lrs), log=True),
+        "epochs": IntDistribution(min(epochs), max(epochs)),
+    }
+
+
+# ------------------------------------------------------------------ storage and study
+
+
+def open_storage(url: str, *, timeout_s: float = 60.0) -> "optuna.storages.RDBStorage":
+    """Optuna's RDBStorage on the store URL; an unreachable URL -> UsageError.
+
+    SQLite gets a long lock timeout (the driver is the only study writer, but trial processes write
+    their metrics into the same file) and its folder is created.
+    """
+    import optuna
+    import sqlalchemy
+
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": timeout_s}
+        db = sqlalchemy.engine.make_url(url).database
+        if db and db != ":memory:":
+            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    elif url.startswith(("postgresql", "mysql")):
+        engine_kwargs["pool_pre_ping"] = True
+        if url.startswith("postgresql"):
+            engine_kwargs["connect_args"] = {"connect_timeout": int(min(timeout_s, 30))}
+    try:
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except Exception as exc:  # driver missing, host down, bad credentials, bad URL syntax
+        raise UsageError(
+            f"cannot open the study storage {_redact(url)}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+            "check --storage/--store (SQLAlchemy URL, e.g. sqlite:///experiments/elmctl.db or "
+            "postgresql://user@host/db) and that the database is reachable from this machine",
+        ) from None
+    if url.startswith("sqlite"):
+        _immediate_transactions(storage.engine, timeout_s)
+    return storage
+
+
+def _immediate_transactions(engine: Any, timeout_s: float) -> None:
+    """Make every Optuna transaction on SQLite start with BEGIN IMMEDIATE.
+
+    Trial processes write metrics into the same file. A deferred SQLite transaction that reads and
+    then writes fails at once with "database is locked" when another connection wrote in between
+    (the busy timeout does not apply to that upgrade): the root of optuna#820/#4994. Taking the
+    write lock up front makes such a transaction wait its turn instead. The driver is the only
+    writer of the study, so the lock is held briefly.
+    """
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:  # noqa: ANN001
+        dbapi_conn.isolation_level = None  # BEGIN is issued by _on_begin
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:  # noqa: ANN001
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while Optuna created its tables lack the settings
+
+
+def _redact(url: str) -> str:
+    try:
+        import sqlalchemy
+
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url
+
+
+def open_study(
+    storage: Any,
+    name: str,
+    *,
+    direction: str,
+    sampler: Any,
+    pruner: Any,
+    identity: dict[str, Any],
+) -> "optuna.Study":
+    """Create the study or load it; a study made by a different command -> UsageError.
+
+    ``identity`` (recipe, base, data, loss, metric, sampler) is stored as the study user attr
+    ``elmctl`` at creation and compared on every resume: mixing two setups in one study would make
+    its best cell meaningless.
+    """
+    import optuna
+
+    study = optuna.create_study(
+        storage=storage, study_name=name, direction=direction, sampler=sampler, pruner=pruner, load_if_exists=True
+    )
+    if study.direction.name.lower() != direction:
+        raise UsageError(
+            f"study {name!r} optimises {study.direction.name.lower()}, this command asks to {direction}",
+            "use the study's --metric, or a new --study name",
+        )
+    stored = study.user_attrs.get("elmctl")
+    if stored is None:
+        study.set_user_attr("elmctl", identity)
+    else:
+        diffs = [f"{k}: stored {stored.get(k)!r}, now {v!r}" for k, v in identity.items() if stored.get(k) != v]
+        if diffs:
+            raise UsageError(
+                f"study {name!r} was started with different settings:\n  " + "\n  ".join(diffs),
+                "rerun with the original flags to resume it, or pick a new --study name",
+            )
+    return study
+
+
+# ------------------------------------------------------------------ ledger (pure)
+
+
+def cell_of(trial: Any) -> Cell | None:
+    """The cell of a FrozenTrial: from its params (always written at creation), else None."""
+    params = getattr(trial, "params", {}) or {}
+    if "lr" in params and "epochs" in params:
+        return Cell(float(params["lr"]), int(params["epochs"]))
+    return None
+
+
+def cell_ledger(trials: Iterable[Any], cells: Iterable[Cell], max_retries: int) -> dict[str, CellStatus]:
+    """Cell key -> CellStatus, for the given cells plus any other cell found in ``trials``."""
+    ledger: dict[str, CellStatus] = {c.key: CellStatus(c) for c in cells}
+    by_cell: dict[str, list[Any]] = {}
+    for t in sorted(trials, key=lambda t: t.number):
+        cell = cell_of(t)
+        if cell is None:
+            continue
+        ledger.setdefault(cell.key, CellStatus(cell))
+        by_cell.setdefault(cell.key, []).append(t)
+    for key, status in ledger.items():
+        ts = by_cell.get(key, [])
+        states = [t.state.name for t in ts]
+        status.trial_numbers = [t.number for t in ts]
+        status.attempts = sum(1 for t in ts if t.user_attrs.get("fail_reason") != "claim-conflict")
+        status.counted_failures = sum(
+            1 for t in ts if t.state.name == "FAIL" and t.user_attrs.get("fail_reason", "error") in COUNTED_FAIL_REASONS
+        )
+        done = [t for t in ts if t.state.name in ("COMPLETE", "PRUNED")]
+        if done:
+            status.state = done[0].state.name.lower()
+            status.final_trial = done[0].number
+        elif "RUNNING" in states:
+            status.state = "running"
+            status.final_trial = next(t.number for t in ts if t.state.name == "RUNNING")
+        elif status.counted_failures > max_retries:
+            status.state = "failed"
+            status.final_trial = ts[-1].number
+        else:
+            status.state = "pending"
+            if ts:
+                status.final_trial = ts[-1].number
+    return ledger
+
+
+# ------------------------------------------------------------------ driver liveness
+
+
+def _start_token(pid: int) -> str | None:
+    """Process start time (clock ticks since boot) from /proc; None where /proc is unavailable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def process_alive(pid: int, start: str | None = None) -> bool:
+    """True if ``pid`` runs on this host and (when known) started at ``start`` (guards pid reuse)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    if start is not None:
+        now = _start_token(pid)
+        if now is not None and now != start:
+            return False
+    stat = _start_token(pid)
+    if stat is None:
+        return True
+    try:  # zombies are dead for our purposes
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+@dataclass(frozen=True)
+class DriverInfo:
+    """Who drives: written on each trial it claims and as a heartbeat in the study's user attrs."""
+
+    host: str
+    pid: int
+    start: str | None
+
+    @classmethod
+    def current(cls) -> "DriverInfo":
+        return cls(socket.gethostname(), os.getpid(), _start_token(os.getpid()))
+
+    @property
+    def id(self) -> str:
+        return f"{self.host}:{self.pid}:{self.start or ''}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "pid": self.pid, "start": self.start}
+
+
+def heartbeat(study: Any, me: DriverInfo) -> None:
+    """Record that this driver is alive (read by drivers on other hosts)."""
+    study.set_user_attr(f"driver:{me.id}", {**me.as_dict(), "heartbeat": time.time()})
+
+
+def fail_orphans(
+    study: Any,
+    me: DriverInfo,
+    *,
+    stale_after_s: float = 600.0,
+    alive: Callable[[int, str | None], bool] = process_alive,
+    now: float | None = None,
+) -> list[int]:
+    """Fail RUNNING trials whose driver is dead; returns their numbers.
+
+    Returns the numbers so the caller can clean up their store runs and stray processes.
+    """
+    from optuna.trial import TrialState
+
+    now = time.time() if now is None else now
+    attrs = study.user_attrs
+    orphaned: list[int] = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        drv = t.user_attrs.get("driver") or {}
+        did = f"{drv.get('host')}:{drv.get('pid')}:{drv.get('start') or ''}"
+        started = t.datetime_start.timestamp() if t.datetime_start else 0.0
+        if drv and did == me.id:
+            continue
+        if drv and drv.get("host") == me.host:
+            dead = not alive(int(drv.get("pid") or -1), drv.get("start"))
+        else:  # another host's driver (heartbeat), or a trial nobody claimed through elmctl (its start)
+            beat = (attrs.get(f"driver:{did}") or {}).get("heartbeat", started) if drv else started
+            dead = now - float(beat) > stale_after_s
+        if dead:
+            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", "orphaned")
+            study.tell(t.number, state=TrialState.FAIL, skip_if_finished=True)
+            orphaned.append(t.number)
+    return orphaned
+
+
+# ------------------------------------------------------------------ claiming
+
+
+class CellSampler:
+    """Sampler that returns fixed params for grid cells and defers to a base sampler (TPE) otherwise.
+
+    Set :attr:`fixed` before ``study.ask(distributions)``; ``None`` lets the base sampler choose.
+    (optuna's PartialFixedSampler does the same but is experimental and warns on every use.)
+    """
+
+    def __new__(cls, base: Any):  # build a BaseSampler subclass lazily: optuna is imported on use
+        from optuna.samplers import BaseSampler
+
+        class _CellSampler(BaseSampler):
+            def __init__(self, base: Any) -> None:
+                self.base = base
+                self.fixed: dict[str, Any] | None = None
+
+            def infer_relative_search_space(self, study, trial):  # noqa: ANN001
+                return {} if self.fixed else self.base.infer_relative_search_space(study, trial)
+
+            def sample_relative(self, study, trial, search_space):  # noqa: ANN001
+                return {} if self.fixed else self.base.sample_relative(study, trial, search_space)
+
+            def sample_independent(self, study, trial, param_name, param_distribution):  # noqa: ANN001
+                if self.fixed and param_name in self.fixed:
+                    return self.fixed[param_name]
+                return self.base.sample_independent(study, trial, param_name, param_distribution)
+
+            def before_trial(self, study, trial):  # noqa: ANN001
+                self.base.before_trial(study, trial)
+
+            def after_trial(self, study, trial, state, values):  # noqa: ANN001
+                self.base.after_trial(study, trial, state, values)
+
+            def reseed_rng(self) -> None:
+                self.base.reseed_rng()
+
+        return _CellSampler(base)
+
+
+def claim_cell(
+    study: Any,
+    sampler: Any,
+    dists: dict[str, Any],
+    me: DriverInfo,
+    cell: Cell | None,
+    *,
+    attrs: dict[str, Any] | None = None,
+) -> tuple[Any, Cell] | None:
+    """Create the cell's trial RUNNING and keep it only if no other live trial holds the cell.
+
+    ``cell`` None lets the base sampler (TPE) choose the params. Returns (optuna Trial, cell), or
+    None when the claim lost (the trial is then FAIL with reason ``claim-conflict``).
+    """
+    from optuna.trial import TrialState
+
+    sampler.fixed = cell.params if cell is not None else None
+    try:
+        trial = study.ask(dists)
+    finally:
+        sampler.fixed = None
+    got = Cell(float(trial.params["lr"]), int(trial.params["epochs"]))
+    trial.set_user_attr("cell", got.key)
+    trial.set_user_attr("driver", me.as_dict())
+    for k, v in (attrs or {}).items():
+        trial.set_user_attr(k, v)
+    rivals = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED))
+        if t.number != trial.number and cell_of(t) == got
+    ]
+    if rivals:
+        trial.set_user_attr("fail_reason", "claim-conflict")
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    return trial, got
