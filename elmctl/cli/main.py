@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point. Returns the exit status (2 usage/input, 1 runtime)."""
     debug = os.environ.get("ELMCTL_DEBUG") == "1" or "--debug" in (argv or sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False)
+        # With standalone_mode=False click returns typer.Exit(n)'s code and 1 for Ctrl-C (Abort)
+        # instead of exiting; pass them on.
+        rv = app(args=argv, standalone_mode=False)
     except ElmctlError as exc:
         if debug:
             raise
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, click.exceptions.Exit):
             return exc.exit_code
         raise
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 def run() -> None:
