@@ -376,7 +376,7 @@ class _LiveView:
 
 
 def _short(url: str) -> str:
-    from elmctl.store._engine import display_url
+    from elmctl.store import display_url
 
     return display_url(url)
 

@@ -17,13 +17,24 @@ from pathlib import Path
 
 from elmctl.errors import RuntimeFailure
 
-__all__ = ["pid_alive", "signal_run", "Supervised", "start_supervised", "run_supervised", "DEFAULT_GRACE_S"]
+__all__ = ["pid_alive", "process_start_token", "signal_run", "Supervised", "start_supervised", "run_supervised", "DEFAULT_GRACE_S"]
 
 DEFAULT_GRACE_S = 30.0
 
 
-def pid_alive(pid: int) -> bool:
-    """True if a process with this pid exists on this host and is not a zombie."""
+def process_start_token(pid: int) -> str | None:
+    """Process start time (clock ticks since boot) from /proc; None where /proc is unavailable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    """True if a process with this pid exists on this host and is not a zombie.
+
+    With ``start`` (a :func:`process_start_token`), a process that reused the pid does not count.
+    """
     if pid <= 0:
         return False
     try:
@@ -31,12 +42,14 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True  # exists, owned by someone else
+        pass  # exists, owned by someone else
     try:  # an exited child nobody reaped yet still answers kill(0); /proc knows better (Linux)
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return True
+    if fields[0] in ("Z", "X"):
+        return False
+    return start is None or fields[19] == start
 
 
 def signal_run(pid: int, sig: int = signal.SIGTERM) -> bool:

@@ -42,6 +42,7 @@ __all__ = [
     "ACTIVE_STATUSES",
     "home",
     "runs_dir",
+    "display_url",
 ]
 
 
@@ -50,4 +51,8 @@ def __getattr__(name: str) -> Any:
         from elmctl.store._store import Store
 
         return Store
+    if name == "display_url":  # a URL with its password hidden, for messages
+        from elmctl.store._engine import display_url
+
+        return display_url
     raise AttributeError(f"module 'elmctl.store' has no attribute {name!r}")

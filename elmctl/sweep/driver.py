@@ -420,7 +420,7 @@ def summarize(study: Any, spec: SweepSpec, store: Any = None, *, interrupted: bo
 
 def _display(url: str) -> str:
     try:
-        from elmctl.store._engine import display_url
+        from elmctl.store import display_url
 
         return display_url(url)
     except Exception:  # pragma: no cover

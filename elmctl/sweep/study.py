@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from elmctl.errors import UsageError
+from elmctl.launch.supervise import pid_alive, process_start_token
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -316,37 +317,9 @@ def cell_ledger(trials: Iterable[Any], cells: Iterable[Cell], max_retries: int) 
 # ------------------------------------------------------------------ driver liveness
 
 
-def _start_token(pid: int) -> str | None:
-    """Process start time (clock ticks since boot) from /proc; None where /proc is unavailable."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def process_alive(pid: int, start: str | None = None) -> bool:
-    """True if ``pid`` runs on this host and (when known) started at ``start`` (guards pid reuse)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by someone else
-    if start is not None:
-        now = _start_token(pid)
-        if now is not None and now != start:
-            return False
-    stat = _start_token(pid)
-    if stat is None:
-        return True
-    try:  # zombies are dead for our purposes
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except (OSError, IndexError):
-        return True
+# pid + start time: a reused pid is not our driver (launch.supervise does the /proc reading).
+_start_token = process_start_token
+process_alive = pid_alive
 
 
 @dataclass(frozen=True)
