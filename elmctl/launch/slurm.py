@@ -81,8 +81,9 @@ def render_sbatch(
         f"mkdir -p {q(str(run_dir))}",
         "",
         "# Head node = first host of the allocation; use its routable address, not a loopback alias.",
-        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)',
-        "head_addr=$(getent ahostsv4 \"$head\" | awk '$1 !~ /^127\\./ {print $1; exit}')",
+        # Readers that consume all input: under pipefail an early exit (head -n1) SIGPIPEs the writer.
+        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)',
+        "head_addr=$(getent ahostsv4 \"$head\" | awk '$1 !~ /^127\\./ && !found {print $1; found=1}')",
         'head_addr=${head_addr:-$head}',
         f"rdzv_port=${{ELMCTL_RDZV_PORT:-{RDZV_PORT}}}",
         "",

@@ -239,7 +239,7 @@ def test_sbatch_script_text_and_syntax(tmp_path):
     text = path.read_text()
     assert os.access(path, os.X_OK)
     for needle in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --requeue", "#SBATCH --time=24:00:00",
-                   "#SBATCH --partition=gpu", "#SBATCH --job-name=elm-1_1b", 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1',
+                   "#SBATCH --partition=gpu", "#SBATCH --job-name=elm-1_1b", 'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p',
                    "srun ", "--rdzv-backend=c10d", '--rdzv-endpoint="$head_addr:$rdzv_port"', "--nproc-per-node=8",
                    "--nnodes=2", "-m elmctl.train.worker --run ab12cd34"):
         assert needle in text, needle
@@ -251,7 +251,9 @@ def test_sbatch_script_runs_with_fake_slurm(tmp_path):
     """Run the script under fake scontrol/getent/srun: the head address must not be loopback."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    _script(bindir / "scontrol", "echo node-a\necho node-b\n")
+    # Many hosts: a reader that stops early (head -n1) would SIGPIPE scontrol and, under
+    # pipefail, kill the job script.
+    _script(bindir / "scontrol", "echo node-a\nfor i in $(seq 1 20000); do echo node-$i; done\n")
     _script(bindir / "getent", 'echo "127.0.1.1  node-a"\necho "10.1.2.3  node-a"\n')
     _script(bindir / "srun", f'printf "%s\\n" "$@" > {tmp_path}/srun.args\n')
     path = slurm.write_sbatch(tmp_path / "job.sh", job_name="j", nodes=2, gpus_per_node=4,
