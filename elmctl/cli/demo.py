@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from elmctl.cli._common import Format, FormatOpt, StoreOpt, console, emit_json
+from elmctl.cli._common import Format, FormatOpt, console, emit_json
 
 
 def register(app: typer.Typer) -> None:

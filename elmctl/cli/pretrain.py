@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from elmctl.cli._common import Format, FormatOpt, SetOpt, StoreOpt, console, emit_json
-from elmctl.errors import RuntimeFailure, UsageError
+from elmctl.errors import RuntimeFailure
 
 
 def register(app: typer.Typer) -> None:

@@ -216,7 +216,7 @@ def _render_show(r, d: dict, show_layers: bool) -> None:
              + f"; IT {it.num_gpus}x {pv.instruct_gpu} {pv.instruct_gpu_memory_gb}GB"
              + (f", {pv.instruct_hours:g} h" if pv.instruct_hours else "")),
         ]
-        + [(f"note", n) for n in pv.notes],
+        + [("note", n) for n in pv.notes],
     )
     c.print(Columns([arch, params], padding=(0, 4)))
     c.print(Columns([t9, t10], padding=(0, 4)))

@@ -23,7 +23,7 @@ import numpy as np
 from elmctl.data._manifest import read_manifest, resolve_data_dir
 from elmctl.errors import UsageError
 
-__all__ = ["TokenDataset", "ShardWriter", "shard_name", "prepare_pretrain", "PrepareResult"]
+__all__ = ["TokenDataset", "ShardWriter", "shard_name", "prepare_pretrain"]
 
 
 def shard_name(split: str, index: int) -> str:

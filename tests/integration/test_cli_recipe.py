@@ -51,7 +51,7 @@ def test_show_gpus_plan_keeps_global_batch(cli, gpus):
     assert plan["micro_batch"] * plan["grad_accumulation"] * plan["gpus"] == 2048
     assert plan["fits"] is True
     table = cli("recipe", "show", "270m", "--gpus", str(gpus)).out
-    assert f"= 2048 seq (recipe 2048)" in table and "fits" in table
+    assert "= 2048 seq (recipe 2048)" in table and "fits" in table
 
 
 def test_show_small_gpu_memory(cli):
