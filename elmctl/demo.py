@@ -3,7 +3,7 @@
 Stages, each the exact ``elmctl`` command a user would type, run as a subprocess
 (``python -m elmctl ...``) so that what the demo shows is what the commands do:
 
-1. ``data demo``     synthetic corpus + addition preference pairs (byte tokenizer)
+1. ``data demo``     synthetic corpus + number-comparison preference pairs (byte tokenizer)
 2. ``pretrain``      the ``tiny`` recipe for a few dozen steps
 3. ``generate``      the pre-trained model answers a held-out question (before tuning)
 4. ``tune-sweep``    DPO over learning rate x epochs, two trials at a time, metric reward accuracy
@@ -101,10 +101,13 @@ def demo_config(out_dir: str | os.PathLike | None = None, store_url: str | None 
         raise UsageError(f"{out} exists and is not empty", "pick a new --out folder (the demo never overwrites results)")
     url = store_url or f"sqlite:///{out / 'elmctl.db'}"
     if quick:
-        return DemoConfig(out, url, True, docs=1200, pairs=160, test_pairs=64, pretrain_steps=24, warmup_steps=4,
-                          sequences_per_step=8, lrs=(1e-4, 1e-3, 3e-3, 1e-2), epochs=(1,))
-    return DemoConfig(out, url, False, docs=3000, pairs=256, test_pairs=100, pretrain_steps=48, warmup_steps=6,
-                      sequences_per_step=4, lrs=(1e-4, 1e-3, 3e-3, 1e-2), epochs=(1, 2))
+        return DemoConfig(out, url, True, docs=2500, pairs=160, test_pairs=64, pretrain_steps=100, warmup_steps=6,
+                          sequences_per_step=4, lrs=(1e-5, 1e-4, 1e-3, 1e-2), epochs=(1,))
+    # Measured: 150 steps x 4 sequences teach the base the format and part of the comparison rule;
+    # DPO at 1e-3 then reaches ~0.9 held-out reward accuracy, 1e-2 collapses (~0.4), 1e-5 barely
+    # moves. 4000 documents (~190k tokens) cover the 154k tokens pre-training reads.
+    return DemoConfig(out, url, False, docs=4000, pairs=256, test_pairs=100, pretrain_steps=150, warmup_steps=10,
+                      sequences_per_step=4, lrs=(1e-5, 1e-4, 1e-3, 1e-2), epochs=(1, 2))
 
 
 def _held_out_question(cfg: DemoConfig) -> tuple[str, str]:
@@ -122,7 +125,7 @@ def _stages(cfg: DemoConfig) -> dict[str, Stage]:
     lrs = ",".join(f"{lr:g}" for lr in cfg.lrs)
     eps = ",".join(str(e) for e in cfg.epochs)
     return {
-        "data": Stage("data", "synthetic data (corpus + addition preference pairs)", (
+        "data": Stage("data", "synthetic data (corpus + comparison preference pairs)", (
             "data", "demo", "--out", str(cfg.data_dir), "--docs", str(cfg.docs), "--pairs", str(cfg.pairs),
             "--test-pairs", str(cfg.test_pairs))),
         "pretrain": Stage("pretrain", f"pre-train the tiny recipe for {cfg.pretrain_steps} steps on CPU", (

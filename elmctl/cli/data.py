@@ -144,12 +144,15 @@ def prepare_cmd(
 def demo_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = Path("data/demo"),
     seed: Annotated[int, typer.Option("--seed", help="Random seed (same seed, same bytes).")] = 0,
-    docs: Annotated[int, typer.Option("--docs", help="Corpus documents (about 380 bytes each).")] = 8000,
+    docs: Annotated[int, typer.Option("--docs", help="Corpus documents (one chat-formatted question and answer each, ~45 bytes).")] = 8000,
     pairs: Annotated[int, typer.Option("--pairs", help="Training preference pairs.")] = 2000,
     test_pairs: Annotated[int, typer.Option("--test-pairs", help="Held-out preference pairs.")] = 200,
     fmt: FormatOpt = Format.table,
 ) -> None:
-    """Make synthetic data: an arithmetic+grammar corpus and addition preference pairs (byte tokenizer).
+    """Make synthetic data: a chat-formatted number-comparison corpus and preference pairs (byte tokenizer).
+
+    Pairs ask for the larger or smaller of two numbers; the chosen answer is right, the rejected one
+    is the other number, so a DPO sweep on them measures something real.
 
     Writes OUT/raw/{corpus,prefs}.jsonl, OUT/pretrain/ and OUT/preference/; sized for the tiny recipe.
 

@@ -1,16 +1,27 @@
 """Synthetic demo data, made on the spot (nothing downloaded), deterministic by seed.
 
-- Pre-training corpus (``raw/corpus.jsonl`` -> ``pretrain/``): documents mixing correct addition
-  facts (``17 + 25 = 42.``, ``What is 17 + 25? 42.``), sentences from a small grammar (``the red
-  fox sees a quiet dog.``) and counting runs (``count: 4 5 6 7.``). The structure is learnable, the
-  random choices are not, so a small model ends well below the unigram entropy (recorded in the
-  manifest as ``unigram_entropy_nats``) but not at zero.
-- Preference pairs (``raw/prefs.jsonl`` -> ``preference/``): ``What is a + b?`` with the right sum
-  chosen and a plausible wrong one rejected (off by 1, 2 or 10). Operands 0..99, each prompt used
-  once; train and test prompts are disjoint. The corpus teaches addition in the same words, so a
-  pre-trained model starts with a prior that DPO can sharpen, and test accuracy measures it.
+One task with a checkable answer that a 4-layer byte model learns within the demo's CPU budget,
+and a rule that carries over to prompts it never saw (:data:`KINDS`)::
 
-Sized for the ``tiny`` recipe (byte tokenizer, context 256): about 3 MB of text by default.
+    What is the larger of 37 and 52?     chosen 52    rejected 37
+    What is the smaller of 37 and 52?    chosen 37    rejected 52
+
+Both numbers are in the prompt, so the wrong answer is the plausible mistake (copying the other
+one), and since the two kinds ask for opposite choices from the same numbers, neither "take the
+first number" nor "take the bigger-looking one" beats chance: a model has to read the question.
+
+- Pre-training corpus (``raw/corpus.jsonl`` -> ``pretrain/``): one question and its right answer
+  per document, laid out as the chat template (:mod:`elmctl.data.chat`) lays out a prompt and its
+  completion: ``<|user|>\\n{question}\\n<|assistant|>\\n{answer}``. A prepared document is
+  ``[BOS] text [EOS]``, so pre-training shows what a DPO pair shows (BOS first, the answer then
+  EOS) except the EOS id the template puts after the question, which text cannot hold. The base
+  model learns the format and part of the rule; DPO sharpens that.
+- Preference pairs (``raw/prefs.jsonl`` -> ``preference/``): the same questions, right answer
+  chosen, the other number rejected; each prompt appears once, so the test prompts (the last
+  rows, ``split: test``) are never seen in DPO training. Numbers 0..99: 19800 distinct prompts.
+
+Measured on 2 CPU cores (``elmctl demo`` sizes): DPO at lr 1e-3 reaches ~0.9 held-out reward accuracy,
+1e-2 collapses to ~0.4, 1e-5 barely moves from what the base already gets right.
 """
 
 from __future__ import annotations
@@ -21,51 +32,53 @@ import random
 from pathlib import Path
 from typing import Any
 
-__all__ = ["make_demo", "make_corpus", "make_pairs"]
+__all__ = ["make_demo", "make_corpus", "make_pairs", "KINDS", "question", "answer"]
 
-_ADJ = "red blue green small big quiet loud old young happy tired clever".split()
-_NOUN = "fox dog cat bird horse mouse owl fish bear frog wolf duck".split()
-_VERB = "sees likes follows finds helps watches chases greets".split()
-_DET = ("the", "a")
-_WRONG_BY = (-10, -2, -1, 1, 2, 10)
+KINDS = ("larger", "smaller")
+MAX_PROMPTS = len(KINDS) * 100 * 99  # ordered pairs of distinct numbers 0..99, per kind
 
 
-def _sentence(rng: random.Random) -> str:
-    kind = rng.random()
-    if kind < 0.45:
-        a, b = rng.randrange(100), rng.randrange(100)
-        return f"What is {a} + {b}? {a + b}." if rng.random() < 0.5 else f"{a} + {b} = {a + b}."
-    if kind < 0.85:
-        d1, d2 = rng.choice(_DET), rng.choice(_DET)
-        return f"{d1} {rng.choice(_ADJ)} {rng.choice(_NOUN)} {rng.choice(_VERB)} {d2} {rng.choice(_ADJ)} {rng.choice(_NOUN)}."
-    start, n = rng.randrange(90), rng.randrange(3, 8)
-    return "count: " + " ".join(str(start + i) for i in range(n)) + "."
+def question(kind: str, a: int, b: int) -> str:
+    return f"What is the {kind} of {a} and {b}?"
+
+
+def answer(kind: str, a: int, b: int) -> int:
+    """The one right answer; the rejected answer of a pair is the other number."""
+    return max(a, b) if kind == "larger" else min(a, b)
+
+
+def _two(rng: random.Random) -> tuple[int, int]:
+    a, b = rng.sample(range(100), 2)
+    return a, b
 
 
 def make_corpus(num_docs: int, seed: int = 0) -> list[str]:
-    """``num_docs`` documents of 8-15 sentences each (about 380 bytes per document)."""
+    """``num_docs`` chat-formatted question/answer documents (about 45 bytes each)."""
     rng = random.Random(seed)
-    return [" ".join(_sentence(rng) for _ in range(rng.randint(8, 15))) for _ in range(num_docs)]
+    docs = []
+    for _ in range(num_docs):
+        kind, (a, b) = rng.choice(KINDS), _two(rng)
+        docs.append(f"<|user|>\n{question(kind, a, b)}\n<|assistant|>\n{answer(kind, a, b)}")
+    return docs
 
 
 def make_pairs(num_train: int, num_test: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Addition preference pairs with a ``split`` field; each (a, b) prompt appears once."""
-    if num_train + num_test > 10_000:
-        raise ValueError("at most 10000 distinct addition prompts (operands 0..99)")
+    """Preference pairs with ``split`` and ``kind`` fields; each prompt appears once, kinds alternate."""
+    if num_train + num_test > MAX_PROMPTS:
+        raise ValueError(f"at most {MAX_PROMPTS} distinct demo prompts")
     rng = random.Random(seed + 1)
-    operands = rng.sample([(a, b) for a in range(100) for b in range(100)], num_train + num_test)
+    total = num_train + num_test
+    # row i asks kind i % 2 about the next unused (a, b) of that kind: kinds alternate in both
+    # splits and no two rows share a prompt
+    pool = [(a, b) for a in range(100) for b in range(100) if a != b]
+    numbers = {k: iter(rng.sample(pool, (total - j + len(KINDS) - 1) // len(KINDS))) for j, k in enumerate(KINDS)}
     rows = []
-    for i, (a, b) in enumerate(operands):
-        right = a + b
-        wrong = right + rng.choice([d for d in _WRONG_BY if right + d >= 0])
-        rows.append(
-            {
-                "prompt": f"What is {a} + {b}?",
-                "chosen": str(right),
-                "rejected": str(wrong),
-                "split": "train" if i < num_train else "test",
-            }
-        )
+    for i in range(total):
+        kind = KINDS[i % len(KINDS)]
+        a, b = next(numbers[kind])
+        right = answer(kind, a, b)
+        rows.append({"prompt": question(kind, a, b), "chosen": str(right), "rejected": str(a + b - right),
+                     "split": "train" if i < num_train else "test", "kind": kind})
     return rows
 
 
