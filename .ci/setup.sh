@@ -16,3 +16,5 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 "${PIP[@]}" -e ".[dev]"
+# Byte-compile once so the CLI starts fast even where PYTHONDONTWRITEBYTECODE is set.
+.venv/bin/python -m compileall -q elmctl >/dev/null

@@ -50,8 +50,15 @@ def _root(
         os.environ["ELMCTL_DEBUG"] = "1"
 
 
-def _register_all() -> None:
-    for name in _GROUPS:
+# Command names that live in a module of another name.
+_ALIASES = {"tune-sweep": "tune"}
+_registered: set[str] = set()
+
+
+def _register(names) -> None:
+    for name in names:
+        if name in _registered:
+            continue
         try:
             module = importlib.import_module(f"elmctl.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -59,9 +66,27 @@ def _register_all() -> None:
                 continue  # command group not built yet
             raise
         module.register(app)
+        _registered.add(name)
 
 
-_register_all()
+def get_app() -> typer.Typer:
+    """The app with every command group registered (for help, completion, tests)."""
+    _register(_GROUPS)
+    return app
+
+
+def _app_for(argv: list[str]) -> typer.Typer:
+    """Register only the group the command line names: `elmctl recipe show` imports no other group.
+
+    Top-level help, shell completion and unknown commands get every group.
+    """
+    if not os.environ.get("_ELMCTL_COMPLETE"):
+        first = next((a for a in argv if not a.startswith("-")), None)
+        module = _ALIASES.get(first, first)
+        if module in _GROUPS:
+            _register([module])
+            return app
+    return get_app()
 
 
 def _print_error(exc: ElmctlError) -> None:
@@ -80,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # With standalone_mode=False click returns typer.Exit(n)'s code and 1 for Ctrl-C (Abort)
         # instead of exiting; pass them on.
-        rv = app(args=argv, standalone_mode=False)
+        args = sys.argv[1:] if argv is None else argv
+        rv = _app_for(args)(args=args, standalone_mode=False)
     except ElmctlError as exc:
         if debug:
             raise
@@ -92,18 +118,28 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # typer.Exit inside commands
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
-            print("aborted", file=sys.stderr)
-            return EXIT_RUNTIME
-        if isinstance(exc, click.exceptions.Exit):
-            return exc.exit_code
+        for mod in _click_exception_modules():
+            if isinstance(exc, mod.ClickException):
+                exc.show()
+                return exc.exit_code
+            if isinstance(exc, mod.Abort):
+                print("aborted", file=sys.stderr)
+                return EXIT_RUNTIME
+            if isinstance(exc, mod.Exit):
+                return exc.exit_code
         raise
     return rv if isinstance(rv, int) else 0
+
+
+def _click_exception_modules() -> list:
+    """Typer >= 0.2x vendors click as typer._click; older Typer uses click itself."""
+    mods = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mods.append(importlib.import_module(name))
+        except ImportError:
+            pass
+    return mods
 
 
 def run() -> None:

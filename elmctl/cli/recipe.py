@@ -140,8 +140,16 @@ def _kv_table(title: str, rows: list[tuple[str, str]]):
     return t
 
 
+def _side_by_side(left, right):
+    """Two tables next to each other (a grid; rich.columns costs 30 ms of start-up to import)."""
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 4))
+    grid.add_row(left, right)
+    return grid
+
+
 def _render_show(r, d: dict, show_layers: bool) -> None:
-    from rich.columns import Columns
     from rich.table import Table
 
     c = console()
@@ -218,8 +226,8 @@ def _render_show(r, d: dict, show_layers: bool) -> None:
         ]
         + [("note", n) for n in pv.notes],
     )
-    c.print(Columns([arch, params], padding=(0, 4)))
-    c.print(Columns([t9, t10], padding=(0, 4)))
+    c.print(_side_by_side(arch, params))
+    c.print(_side_by_side(t9, t10))
     c.print(prov)
     if "plan" in d:
         pl = d["plan"]

@@ -148,20 +148,31 @@ for _first in list(_Loader.yaml_implicit_resolvers):
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
+def _parse(text: str) -> tuple[Any, yaml.Node | None]:
+    """Parse once: the data and the node tree (for line numbers and duplicate keys)."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        return (loader.construct_document(node) if node is not None else None), node
+    finally:
+        loader.dispose()
+
+
 def _yaml_load(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+    return _parse(text)[0]
 
 
 class _LineMap:
     """Dotted field path -> line number, read from the YAML node tree."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str | None = None, node: yaml.Node | None = None):
         self.lines: dict[str, int] = {}
         self.duplicates: list[tuple[str, int]] = []
-        try:
-            node = yaml.compose(text, Loader=_Loader)
-        except (yaml.YAMLError, RecursionError):
-            return
+        if node is None and text is not None:
+            try:
+                node = yaml.compose(text, Loader=_Loader)
+            except (yaml.YAMLError, RecursionError):
+                return
         if node is not None:
             self._walk(node, "")
 
@@ -280,15 +291,24 @@ def _apply_overrides(data: dict, overrides: dict[str, Any], source: str) -> None
 
 
 def recipe_from_dict(
-    data: Any, *, source: str = "<dict>", overrides: dict[str, Any] | None = None, text: str | None = None
+    data: Any,
+    *,
+    source: str = "<dict>",
+    overrides: dict[str, Any] | None = None,
+    text: str | None = None,
+    lines: _LineMap | None = None,
 ) -> Recipe:
-    """Validate a plain mapping (with optional overrides) into a Recipe, or raise RecipeError."""
-    lines = _LineMap(text) if text is not None else None
+    """Validate a plain mapping (with optional overrides) into a Recipe, or raise RecipeError.
+
+    ``text`` (the YAML it came from) or an already built ``lines`` map adds line numbers.
+    """
+    if lines is None and text is not None:
+        lines = _LineMap(text)
     problems: list[Problem] = []
     if lines is not None:
         problems += [Problem(source, f, ln, "duplicate key (the later value would win)") for f, ln in lines.duplicates]
     if data is None:
-        raise RecipeError([Problem(source, "", 1 if text is not None else None, "the recipe is empty")])
+        raise RecipeError([Problem(source, "", 1 if lines is not None else None, "the recipe is empty")])
     if not isinstance(data, dict):
         what = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
         raise RecipeError(
@@ -296,7 +316,7 @@ def recipe_from_dict(
                 Problem(
                     source,
                     "",
-                    1 if text is not None else None,
+                    1 if lines is not None else None,
                     "a recipe is a mapping of sections (id, model, pretrain, instruct, provenance), "
                     f"got {what.get(type(data), type(data).__name__)}",
                 )
@@ -324,13 +344,14 @@ def _deepcopy(x: Any) -> Any:
     return x
 
 
-def _read(path: Path) -> tuple[Any, str]:
+def _read(path: Path) -> tuple[Any, _LineMap]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError([Problem(str(path), "", None, f"cannot read file: {exc}")]) from None
     try:
-        return _yaml_load(text), text
+        data, node = _parse(text)
+        return data, _LineMap(node=node)
     except RecursionError:
         raise RecipeError([Problem(str(path), "", None, "not valid YAML: nested too deeply")]) from None
     except yaml.YAMLError as exc:
@@ -349,8 +370,8 @@ def load_recipe(spec: str | os.PathLike | Recipe, overrides: dict[str, Any] | It
             return spec
         return recipe_from_dict(spec.model_dump(mode="json"), source=f"recipe {spec.id}", overrides=overrides)
     path = resolve_recipe_path(spec)
-    data, text = _read(path)
-    return recipe_from_dict(data, source=str(path), overrides=overrides or None, text=text)
+    data, lines = _read(path)
+    return recipe_from_dict(data, source=str(path), overrides=overrides or None, lines=lines)
 
 
 def validate_files(paths: Iterable[str]) -> tuple[list[Recipe], list[Problem]]:

@@ -163,11 +163,12 @@ def test_help_texts_have_examples(cli):
 
 
 def test_every_group_help_has_example(cli):
-    from elmctl.cli.main import app
-
     import typer.main
 
-    group = typer.main.get_command(app)
+    from elmctl.cli.main import get_app
+
+    group = typer.main.get_command(get_app())
+    assert {"recipe", "data", "pretrain", "bench", "runs", "tune", "tune-sweep", "report", "demo"} <= set(group.commands)
     for name, sub in group.commands.items():
         res = cli(name, "--help")
         assert res.code == 0 and res.out.strip(), name
@@ -193,3 +194,10 @@ def test_shell_completion():
     script = subprocess.run([_elmctl(), "--show-completion", "bash"], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "SHELL": "/bin/bash"})
     assert script.returncode == 0 and "_ELMCTL_COMPLETE" in script.stdout and "complete" in script.stdout
+
+
+def test_unknown_commands_and_bad_flag_values_exit_2_without_traceback(cli):
+    for args in (["nosuch"], ["recipe", "shw"], ["recipe", "show", "450m", "--gpus", "x"]):
+        res = cli(*args)
+        assert res.code == 2, args
+        assert "Traceback" not in res.err and "Error" in res.err, args
