@@ -422,8 +422,8 @@ def _print_summary(out, result: dict[str, Any]) -> None:
         p = best["params"]
         acc = f", reward accuracy {_fmt(best.get('reward_accuracy'))}" if both else ""
         out.print(f"best: lr {p['lr']:g}, {p['epochs']} epochs ({result['metric']} {best['value']:.4f}{acc}, "
-                  f"run {best.get('run_id')}); paper (Table 10) for "
-                  f"{paper.get('recipe')}: lr {paper.get('lr'):g}, {paper.get('epochs')} epochs, {paper.get('loss')}")
+                  f"run {best.get('run_id')}); recipe {paper.get('recipe')}'s chosen cell (paper Table 10 for "
+                  f"the OpenELM sizes): lr {paper.get('lr'):g}, {paper.get('epochs')} epochs, {paper.get('loss')}")
     else:
         out.print("no cell completed yet")
     counts: dict[str, int] = {}
