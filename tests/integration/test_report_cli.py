@@ -66,7 +66,10 @@ def test_study_json_is_the_stable_shape(report):
     assert all(len(t["per_epoch"]) == 1 and t["run_id"] for t in data["trials"])
     best = max(data["trials"], key=lambda t: t["value"])
     assert data["best"]["value"] == best["value"] and data["best"]["params"] == best["params"]
-    assert data["paper"] == {"recipe": "tiny", "lr": 1e-3, "epochs": 2, "loss": "sigmoid",
+    from elmctl.config import load_recipe
+
+    it = load_recipe("tiny").instruct  # the recipe's own (Table 10-style) cell
+    assert data["paper"] == {"recipe": "tiny", "lr": it.lr, "epochs": it.epochs, "loss": it.loss,
                              "source": "none (elmctl toy recipe shaped like Table 10)"}
 
 

@@ -123,7 +123,10 @@ def test_study_report_trials_best_heat_and_recipe_cell(filled):
     assert r["heat"]["lrs"] == list(LRS) and r["heat"]["epochs"] == list(EPOCHS)
     grid = r["heat"]["grid"]
     assert grid[1][0]["best"] and not grid[0][0]["best"] and grid[1][1]["state"] == "FAIL"
-    assert r["paper"]["recipe"] == "tiny" and r["paper"]["lr"] == 1e-3 and r["paper"]["epochs"] == 2
+    from elmctl.config import load_recipe
+
+    it = load_recipe("tiny").instruct
+    assert r["paper"]["recipe"] == "tiny" and r["paper"]["lr"] == it.lr and r["paper"]["epochs"] == it.epochs
     assert r["counts"] == {"COMPLETE": 3, "FAIL": 1}
 
 
