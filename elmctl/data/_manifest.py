@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from elmctl._files import sha256_file
+
 __all__ = [
     "FORMAT_VERSION",
     "sha256_file",
@@ -29,14 +31,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def describe_inputs(paths: list[Path], previous: dict | None = None) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from elmctl._files import sha256_file
 from elmctl.errors import UsageError
 
 if TYPE_CHECKING:
@@ -73,14 +74,6 @@ def _wrap(ids: list[int], bos: int | None, eos: int, add_bos: bool, add_eos: boo
     return ids
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class ByteTokenizer:
     """UTF-8 bytes shifted by 3 past ``<unk>``, ``<s>``, ``</s>`` (vocabulary 259)."""
 
@@ -117,7 +110,7 @@ class SentencePieceTokenizer:
             self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (OSError, RuntimeError) as exc:
             raise UsageError(f"{self.path}: not a SentencePiece model ({exc})") from exc
-        self.fingerprint = _sha256_file(self.path)
+        self.fingerprint = sha256_file(self.path)
         self.vocab_size = int(self._sp.get_piece_size())
         bos, eos = int(self._sp.bos_id()), int(self._sp.eos_id())
         if eos < 0:
@@ -149,7 +142,7 @@ class HFTokenizer:
             self._tok = _Tok.from_file(str(self.path))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
             raise UsageError(f"{self.path}: not a Hugging Face tokenizer.json ({exc})") from exc
-        self.fingerprint = _sha256_file(self.path)
+        self.fingerprint = sha256_file(self.path)
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
         vocab = self._tok.get_vocab(with_added_tokens=True)
         self.bos_id = next((vocab[n] for n in _BOS_NAMES if n in vocab), None)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from elmctl._files import sha256_file
 from elmctl.errors import RuntimeFailure
 
 __all__ = [
@@ -62,14 +63,6 @@ class CheckpointInfo:
 
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -155,7 +148,7 @@ def save_checkpoint(
     files = {}
     for f in ("model.safetensors", "optimizer.pt", "state.pt"):
         _fsync_file(tmp / f)
-        files[f] = _sha256(tmp / f)
+        files[f] = sha256_file(tmp / f)
     manifest = {
         "format": FORMAT_VERSION,
         "step": step,
@@ -235,7 +228,7 @@ def verify_checkpoint(path: str | os.PathLike, expected_sha256: str | None = Non
         fpath = path / fname
         if not fpath.is_file():
             raise CheckpointCorrupt(f"checkpoint {path} is missing {fname}")
-        if _sha256(fpath) != digest:
+        if sha256_file(fpath) != digest:
             raise CheckpointCorrupt(f"checkpoint {path}: sha256 of {fname} does not match its manifest (corrupted)")
     digest = _digest(files)
     if digest != manifest.get("sha256") or (expected_sha256 and digest != expected_sha256):
