@@ -184,9 +184,9 @@ def run_supervised(
         if received and signum == signal.SIGINT:
             child.kill()
         received.append(signum)
-        child.terminate(grace_s)
-        if on_signal is not None:
+        if on_signal is not None:  # first, so the caller knows before the child reacts
             on_signal(signum)
+        child.terminate(grace_s)
 
     previous: dict[int, object] = {}
     if threading.current_thread() is threading.main_thread():

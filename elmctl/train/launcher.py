@@ -9,6 +9,7 @@ Ctrl-C forwarded as SIGTERM so workers checkpoint and stop).
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 from dataclasses import dataclass, field
@@ -276,12 +277,25 @@ def _run_torchrun(plan, run, store, lease, on_line) -> int:
     cmd = [*plan.command[:-1], plan.run_dir]  # the plan was made before the run (and its folder) existed
     store.update_run(run.id, pid=os.getpid())
 
+    stopping = {"flag": False}
+
     def on_signal(signum: int) -> None:
+        stopping["flag"] = True
         if on_line:
             on_line("stopping: workers checkpoint at the next step boundary...")
 
-    return run_supervised(cmd, env, Path(plan.run_dir) / "train.log", on_line=on_line,
+    def console_line(line: str) -> None:
+        # After Ctrl-C torchrun's agent logs its own shutdown (warnings, a SignalException
+        # traceback); the workers' lines still show, the agent's stay in train.log only.
+        if stopping["flag"] and _TORCHRUN_NOISE.match(line):
+            return
+        on_line(line)
+
+    return run_supervised(cmd, env, Path(plan.run_dir) / "train.log", on_line=console_line if on_line else None,
                           pass_fds=lease.fds if lease else (), on_signal=on_signal)
+
+
+_TORCHRUN_NOISE = re.compile(r"^([WIEF]\d{4} |Traceback |\s|torch\.distributed\.elastic|\w+(\.\w+)*(Error|Exception):)")
 
 
 def _write_slurm(req, plan, run, store) -> dict:
