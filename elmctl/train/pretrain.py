@@ -84,6 +84,25 @@ def gpu_peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+class RunLog:
+    """Timestamped lines to the run's log file (rank 0) and to an ``on_event`` callback (the CLI)."""
+
+    def __init__(self, path: Path | None, on_event: Callable[[str], None] | None, is_main: bool):
+        self._file = open(path, "a") if (is_main and path is not None) else None
+        self._on_event = on_event if is_main else None
+
+    def __call__(self, msg: str) -> None:
+        if self._file:
+            self._file.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+            self._file.flush()
+        if self._on_event:
+            self._on_event(msg)
+
+    def close(self) -> None:
+        if self._file:
+            self._file.close()
+
+
 def write_run_files(run_dir: Path, recipe, options: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
@@ -151,15 +170,8 @@ def run_pretrain(
     info = D.init_distributed(device_type)
     store = Store(store_url or os.environ.get("ELMCTL_STORE") or opt.get("store_url")) if info.is_main else None
     run_id = opt["run_id"]
-    log_file = open(run_dir / log_path, "a") if (info.is_main and log_path) else None
+    event = RunLog(run_dir / log_path if log_path else None, on_event, info.is_main)
     warnings: list[str] = []
-
-    def event(msg: str) -> None:
-        if log_file:
-            log_file.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
-            log_file.flush()
-        if on_event and info.is_main:
-            on_event(msg)
 
     try:
         D.seed_everything(pt.seed)
@@ -275,7 +287,6 @@ def run_pretrain(
         event(f"failed: {type(exc).__name__}: {exc}")
         raise
     finally:
-        if log_file:
-            log_file.close()
+        event.close()
         if store is not None:
             store.close()

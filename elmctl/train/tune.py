@@ -321,7 +321,7 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
     from elmctl.train.checkpoint import save_checkpoint
     from elmctl.train.loop import Hooks, LoopConfig, train
     from elmctl.train.optim import build_adamw
-    from elmctl.train.pretrain import read_run_files
+    from elmctl.train.pretrain import RunLog, read_run_files
     from elmctl.train.schedule import warmup_decay
 
     run_dir = Path(run_dir)
@@ -330,14 +330,7 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
     info = D.init_distributed(opt["device"])
     store = Store(opt["store_url"]) if info.is_main else None
     run_id = opt["run_id"]
-    log_file = open(run_dir / "train.log", "a") if info.is_main else None
-
-    def event(msg: str) -> None:
-        if log_file:
-            log_file.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
-            log_file.flush()
-        if on_event and info.is_main:
-            on_event(msg)
+    event = RunLog(run_dir / "train.log", on_event, info.is_main)
 
     try:
         if store is not None:
@@ -425,8 +418,7 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
         event(f"failed: {type(exc).__name__}: {exc}")
         raise
     finally:
-        if log_file:
-            log_file.close()
+        event.close()
         if store is not None:
             store.close()
 
