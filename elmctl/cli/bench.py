@@ -29,12 +29,16 @@ def bench_cmd(
     seq_len: Annotated[int | None, typer.Option("--seq-len", min=8, help="Sequence length (default: the recipe's context).")] = None,
     checkpointing: Annotated[str, typer.Option("--checkpointing", help="Activation checkpointing: recipe, on, off.")] = "recipe",
     no_compile: Annotated[bool, typer.Option("--no-compile", help="Eager mode (compile is on by default on GPU).")] = False,
+    profile: Annotated[str | None, typer.Option("--profile", metavar="DIR", help="Also profile 3 steps: Chrome trace in DIR, time per kernel category.")] = None,
     fmt: FormatOpt = Format.table,
     overrides: SetOpt = None,
 ) -> None:
     """Push synthetic tokens through the real training step; print tokens/s, MFU, memory.
 
     MFU is measured against the GPU's dense bf16 peak (H100/H200 989, A100 312 TFLOP/s).
+    `--profile DIR` adds where the time goes: device time per step split into matmul, matmul fp32,
+    attention, elementwise, optimizer, communication, memory copy; the top kernels; and a
+    Chrome trace (open in ui.perfetto.dev).
 
     Example: elmctl bench --recipe 270m --micro-batch 16 --steps 20
     """
@@ -52,6 +56,11 @@ def bench_cmd(
         args += ["--seq-len", str(seq_len)]
     if no_compile:
         args.append("--no-compile")
+    if profile:
+        prof_dir = os.path.abspath(profile)
+        if os.path.exists(prof_dir) and not os.path.isdir(prof_dir):
+            raise UsageError(f"--profile {profile}: exists and is not a folder", "name a folder for the trace")
+        args += ["--profile-dir", prof_dir]
 
     from elmctl.launch import gpus as G
     from elmctl.launch import locks
@@ -113,3 +122,27 @@ def _render(res: dict) -> None:
     for k, v in rows:
         t.add_row(k, v)
     console().print(t)
+    if res.get("profile"):
+        _render_profile(res["profile"])
+
+
+def _render_profile(prof: dict) -> None:
+    from rich.table import Table
+
+    c = console()
+    c.print(f"[bold]where the time goes[/]: {prof['device_ms_per_step']:.1f} ms per step of {prof['unit']}")
+    t = Table()
+    t.add_column("category", style="cyan")
+    t.add_column("share", justify="right")
+    for cat, share in prof["categories"].items():
+        t.add_row(cat, f"{share:.1%}")
+    c.print(t)
+    k = Table()
+    k.add_column("top ms/step", justify="right")
+    k.add_column("share", justify="right")
+    k.add_column("category", style="cyan")
+    k.add_column("name", overflow="ellipsis", max_width=90)
+    for row in prof["top"][:10]:
+        k.add_row(f"{row['ms_per_step']:.2f}", f"{row['share']:.1%}", row["category"], row["name"])
+    c.print(k)
+    c.print(f"trace: {prof['trace']}")

@@ -41,8 +41,14 @@ def run_bench(
     compile_model: bool | None = None,
     checkpointing: bool | None = None,
     grad_accumulation: int = 1,
+    profile_dir: str | None = None,
+    profile_steps: int = 3,
 ) -> dict[str, Any]:
-    """Time ``steps`` optimizer steps after ``warmup`` (compile happens in the first warm-up step)."""
+    """Time ``steps`` optimizer steps after ``warmup`` (compile happens in the first warm-up step).
+
+    With ``profile_dir``, ``profile_steps`` more steps then run under the profiler (elmctl/train/profile.py);
+    the result gains a ``profile`` entry (time per category, top kernels, trace path).
+    """
     from elmctl.model import OpenELM
 
     info = D.init_distributed("cuda" if device.startswith("cuda") else "cpu")
@@ -94,6 +100,14 @@ def run_bench(
     last_loss = float(out["loss"])
     if not (first_loss == first_loss and last_loss == last_loss):  # NaN
         raise RuntimeError(f"bench produced a non-finite loss: first {first_loss}, last {last_loss}")
+    profiled = None
+    if profile_dir:
+        from elmctl.train.profile import profile_steps as run_profiled
+
+        def one(i: int) -> None:
+            step([pool[(i + j) % 4] for j in range(grad_accumulation)], lr)
+
+        profiled = run_profiled(one, profile_steps, cuda=dev.type == "cuda", out_dir=profile_dir, rank=info.rank)
 
     tokens_per_step = micro * T * grad_accumulation * info.world_size
     tokens_per_s = tokens_per_step / step_s
@@ -124,6 +138,8 @@ def run_bench(
         "loss_last": last_loss,
         "torch": torch.__version__,
     }
+    if profiled is not None:
+        result["profile"] = profiled
     return result
 
 
@@ -141,6 +157,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--checkpointing", choices=["recipe", "on", "off"], default="recipe")
     p.add_argument("--grad-accumulation", type=int, default=1)
+    p.add_argument("--profile-dir")
     p.add_argument("--json-out")
     a = p.parse_args(argv)
     recipe = load_recipe(a.recipe, a.set)
@@ -148,7 +165,7 @@ def _main(argv: list[str] | None = None) -> int:
     try:
         res = run_bench(recipe, device=a.device, micro_batch=a.micro_batch, steps=a.steps, warmup=a.warmup,
                         seq_len=a.seq_len, compile_model=False if a.no_compile else None, checkpointing=ckpt,
-                        grad_accumulation=a.grad_accumulation)
+                        grad_accumulation=a.grad_accumulation, profile_dir=a.profile_dir)
         if int(os.environ.get("RANK", "0")) == 0:
             text = json.dumps(res, indent=2)
             if a.json_out:

@@ -17,7 +17,7 @@ bench() {  # name, timeout, args...
   timeout "$t" python3 -m elmctl bench --format json "$@" >"$OUT/bench_$name.json" 2>"$OUT/bench_$name.err"
   echo "bench $name: exit $? in $((SECONDS - t0)) s"
 }
-bench 270m 170 --recipe 270m --micro-batch 16 --steps 15 --warmup 3
+bench 270m 170 --recipe 270m --micro-batch 16 --steps 15 --warmup 3 --profile "$OUT/profile_270m"
 bench 1_1b 200 --recipe 1_1b --micro-batch 16 --checkpointing off --steps 10 --warmup 3
 t0=$SECONDS
 timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -m gpu tests/gpu -q -x -p no:cacheprovider -o addopts="" >"$OUT/gpu_tests.txt" 2>&1
@@ -32,4 +32,9 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("bench_*.json")):
     print(f"{r['recipe']:>5} mb={r['micro_batch']} ckpt={r['activation_checkpointing']} "
           f"{r['tokens_per_s']:,.0f} tok/s  MFU {r['mfu']:.1%}  peak {r['peak_memory_gib']:.1f} GiB  "
           f"compile {r['compile_time_s']:.0f} s  loss {r['loss_first']:.2f}->{r['loss_last']:.2f}")
+    if r.get("profile"):
+        p = r["profile"]
+        print("   ", f"{p['device_ms_per_step']:.1f} ms/step:", ", ".join(f"{c} {s:.0%}" for c, s in p["categories"].items()))
+        for k in p["top"][:8]:
+            print(f"    {k['ms_per_step']:7.2f} ms  {k['category']:<12} {k['name'][:100]}")
 PY

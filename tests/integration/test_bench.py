@@ -39,3 +39,31 @@ def test_bench_without_gpu_is_a_clear_error(cli, monkeypatch, tmp_path):
 def test_bench_bad_checkpointing_value(cli):
     r = cli("bench", "--recipe", "tiny", "--device", "cpu", "--checkpointing", "maybe")
     assert r.code == 2 and "--checkpointing" in r.err
+
+
+def test_bench_profile_writes_trace_and_splits_the_time(cli, tmp_path):
+    prof_dir = tmp_path / "prof"
+    r = cli("bench", "--recipe", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--format", "json",
+            "--profile", str(prof_dir), *SMALL)
+    assert r.code == 0, r.err
+    prof = json.loads(r.out)["profile"]
+    trace = json.loads((prof_dir / "trace-rank0.json").read_text())
+    assert trace["traceEvents"]
+    assert prof["trace"] == str(prof_dir / "trace-rank0.json")
+    assert sum(prof["categories"].values()) == pytest.approx(1.0)
+    # The step's GEMMs, attention and optimizer all show up as such.
+    assert prof["categories"]["matmul"] > 0.05
+    assert prof["categories"]["attention"] > 0 and prof["categories"]["optimizer"] > 0
+    assert prof["device_ms_per_step"] > 0
+    assert any(row["name"] == "aten::mm" for row in prof["top"])
+
+
+def test_bench_profile_table_and_bad_folder(cli, tmp_path):
+    r = cli("bench", "--recipe", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
+            "--profile", str(tmp_path / "p"), *SMALL)
+    assert r.code == 0, r.err
+    assert "where the time goes" in r.out and "matmul" in r.out
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    r = cli("bench", "--recipe", "tiny", "--device", "cpu", "--profile", str(a_file), *SMALL)
+    assert r.code == 2 and "not a folder" in r.err
