@@ -74,7 +74,7 @@ class LoopConfig:
     eval_every: int | None = None
     checkpoint_every: int | None = None
     steps_per_epoch: int | None = None
-    tokens_per_step: int = 0  # global tokens per optimizer step (throughput)
+    tokens_per_step: int = 0  # global tokens per step; throughput fallback for batches without input_ids
     flops_per_token: float = 0.0
     peak_flops_per_device: float | None = None  # for MFU; None: not reported
 
@@ -199,7 +199,7 @@ def train(
         if hooks.on_eval:
             hooks.on_eval(step, metrics)
 
-    pending: list[tuple[int, float, dict[str, torch.Tensor]]] = []
+    pending: list[tuple[int, float, dict[str, torch.Tensor], int]] = []  # step, lr, values, tokens
     last: dict[str, float] = {}
     t_last = time.perf_counter()
     steps_since = 0
@@ -213,25 +213,30 @@ def train(
         if not pending:
             return True
         keys = sorted(pending[0][2])
-        stacked = torch.stack([torch.stack([o[k] for k in keys]) for _, _, o in pending])  # [S, K]
+        # One row per step: the K values, then this rank's token count (as a float: exact below 2^24).
+        stacked = torch.stack([torch.stack([*(o[k] for k in keys), o[keys[0]].new_tensor(float(n))])
+                               for _, _, o, n in pending])  # [S, K+1]
         stacked = D.all_reduce_mean(stacked)
         # grad_norm is identical on every rank; the other values are per-rank means.
         values = stacked.cpu().tolist()
+        world = torch.distributed.get_world_size() if distributed else 1
+        tokens = sum(row[-1] for row in values) * world  # mean over ranks x ranks = all ranks' tokens
         now = time.perf_counter()
         elapsed = max(now - t_last, 1e-9)
         ok = True
-        for (s, lr, _), row in zip(pending, values):
-            m = dict(zip(keys, row))
+        for (s, lr, _, _), row in zip(pending, values):
+            m = dict(zip(keys, row[:-1]))
             m["lr"] = lr
             if not all(math.isfinite(m[k]) for k in ("loss", "grad_norm")):
                 ok = False
             last = m
             if s == pending[-1][0]:
-                tps = cfg.tokens_per_step * steps_since / elapsed
+                # Tokens actually fed (input_ids, padding included: the model computes on it),
+                # so variable-length batches (DPO, SFT) get a true figure too.
+                tps = (round(tokens) if tokens else cfg.tokens_per_step * steps_since) / elapsed
                 m["tokens_per_s"] = tps
                 m["step_time_s"] = elapsed / max(1, steps_since)
                 if cfg.peak_flops_per_device and cfg.flops_per_token:
-                    world = torch.distributed.get_world_size() if distributed else 1
                     m["mfu"] = tps * cfg.flops_per_token / (cfg.peak_flops_per_device * world)
                 m["memory_gib"] = _memory_gib(device)
             if hooks.on_log:
@@ -248,11 +253,12 @@ def train(
 
     while step < cfg.max_steps:
         lr = lr_at(step)
-        micro = [to_device(batches.next_batch(), device) for _ in range(cfg.grad_accumulation)]
-        out = step_fn(micro, lr)
+        host = [batches.next_batch() for _ in range(cfg.grad_accumulation)]
+        n_tokens = sum(b["input_ids"].numel() for b in host if "input_ids" in b)
+        out = step_fn([to_device(b, device) for b in host], lr)
         step += 1
         steps_since += 1
-        pending.append((step, lr, out))
+        pending.append((step, lr, out, n_tokens))
         due_ckpt = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
         due_eval = bool(cfg.eval_every) and step % cfg.eval_every == 0
         at_log = step % cfg.log_every == 0 or step == cfg.max_steps or due_ckpt or due_eval
