@@ -111,6 +111,7 @@ def _render(res: dict) -> None:
     rows = [
         ("batch", f"{res['micro_batch']} seq x {res['seq_len']} tok x {res['processes']} proc"),
         ("precision / compile / act. ckpt", f"{res['precision']} / {res['compiled']} / {res['activation_checkpointing']}"),
+        ("attention kernel preference", res.get("attention_backend", "auto")),
         ("step time (mean)", f"{res['step_time_s'] * 1e3:.1f} ms"),
         ("tokens/s", f"{res['tokens_per_s']:,.0f}"),
         ("tokens/s per GPU", f"{res['tokens_per_s_per_gpu']:,.0f}"),

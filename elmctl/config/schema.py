@@ -181,6 +181,11 @@ class PretrainConfig(_Frozen):
     precision: Literal["bf16", "fp32"] = "bf16"
     activation_checkpointing: Bool = False
     fsdp: Bool = False
+    attention_backend: Literal["auto", "cudnn", "flash", "efficient", "math"] = Field(
+        default="auto",
+        description="SDPA kernel tried first (the others follow as fallbacks); auto: PyTorch's own order. "
+        "Not in the paper: a speed setting, same math.",
+    )
     data_filters: DataFilters = DataFilters()
     eval_every: Int = Field(default=5000, ge=1, le=_BIG, description="Iterations between validation passes.")
     checkpoint_every: Int = Field(default=5000, ge=1, le=_BIG, description="Iterations between checkpoints.")

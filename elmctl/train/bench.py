@@ -64,7 +64,8 @@ def run_bench(
     with torch.device(dev):
         model = OpenELM(m, activation_checkpointing=ckpt)
     runner = D.wrap_model(model, device=dev, compile_model=compile_model,
-                          fsdp=recipe.pretrain.fsdp, fsdp_bf16=recipe.pretrain.fsdp)
+                          fsdp=recipe.pretrain.fsdp, fsdp_bf16=recipe.pretrain.fsdp,
+                          attention_backend=recipe.pretrain.attention_backend)
     optimizer = build_adamw(D.raw_model(runner), lr=recipe.pretrain.max_lr, betas=recipe.pretrain.adam_betas,
                             eps=recipe.pretrain.adam_eps, weight_decay=recipe.pretrain.weight_decay)
     objective = lm_objective(z_loss_coef=recipe.pretrain.z_loss_coef if recipe.pretrain.z_loss else 0.0)
@@ -125,6 +126,7 @@ def run_bench(
         "activation_checkpointing": ckpt,
         "compiled": compile_model,
         "precision": precision,
+        "attention_backend": recipe.pretrain.attention_backend,
         "steps": steps,
         "step_time_s": step_s,
         "tokens_per_s": tokens_per_s,

@@ -23,6 +23,7 @@ __all__ = [
     "init_distributed",
     "destroy_distributed",
     "ModelHandle",
+    "sdpa_preference",
     "ObjectiveRunner",
     "wrap_model",
     "all_reduce_mean",
@@ -76,14 +77,42 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# SDPA backends in PyTorch's own default order; a preference moves one to the front.
+_SDPA_ORDER = ("flash", "efficient", "cudnn", "math")
+
+
+def sdpa_preference(backend: str):
+    """Context in which SDPA tries ``backend`` first and the others after it ("auto": no change).
+
+    Entered around the (compiled) model call, so it holds both when inductor picks the attention
+    kernel at trace time and when the kernel runs. Shapes the preferred kernel cannot serve fall
+    back to the next one, as SDPA always does.
+    """
+    import contextlib
+
+    if backend == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+             "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+    if backend not in names:
+        raise ValueError(f"unknown attention backend {backend!r}; one of auto, {', '.join(names)}")
+    if backend == "math":  # math is the last resort of every order: asking for it means math only
+        return sdpa_kernel([SDPBackend.MATH])
+    order = [backend] + [b for b in _SDPA_ORDER if b != backend]
+    return sdpa_kernel([names[b] for b in order], set_priority=True)
+
+
 class ModelHandle:
     """What objectives see: ``hidden_states(ids)``, ``model(ids)`` -> logits, ``output_weight``, ``config``.
 
     Calls go to the (possibly compiled) functions of the raw OpenELM; ``raw`` is the module itself.
     """
 
-    def __init__(self, raw: nn.Module, compile_model: bool):
+    def __init__(self, raw: nn.Module, compile_model: bool, attention_backend: str = "auto"):
         self.raw = raw
+        self.attention_backend = attention_backend
         self.config = getattr(raw, "config", None)
         if compile_model:
             # Compile the whole decoder as one graph (per-block compile recompiles for every layer
@@ -95,10 +124,12 @@ class ModelHandle:
             self._logits = raw.forward
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._hidden(input_ids)
+        with sdpa_preference(self.attention_backend):
+            return self._hidden(input_ids)
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._logits(input_ids)
+        with sdpa_preference(self.attention_backend):
+            return self._logits(input_ids)
 
     @property
     def output_weight(self) -> torch.Tensor:
@@ -112,10 +143,10 @@ class ModelHandle:
 class ObjectiveRunner(nn.Module):
     """``runner(objective, batch) == objective(handle, batch)``, inside DDP/FSDP's forward."""
 
-    def __init__(self, model: nn.Module, compile_model: bool = False):
+    def __init__(self, model: nn.Module, compile_model: bool = False, attention_backend: str = "auto"):
         super().__init__()
         self.model = model
-        self.handle = ModelHandle(model, compile_model)
+        self.handle = ModelHandle(model, compile_model, attention_backend)
 
     def forward(self, objective: Callable, batch: dict) -> Any:
         return objective(self.handle, batch)
@@ -128,11 +159,13 @@ def wrap_model(
     compile_model: bool = False,
     fsdp: bool = False,
     fsdp_bf16: bool = False,
+    attention_backend: str = "auto",
 ) -> nn.Module:
     """Runner for ``model`` on ``device``: plain, DDP (several processes) or FSDP2 (``fsdp``).
 
     FSDP2 (3B): each block is its own shard group, the root holds embedding and final norm;
     parameters in bf16 and gradient reduction in fp32 like CoreNet's 3B config when ``fsdp_bf16``.
+    ``attention_backend``: see :func:`sdpa_preference`.
     """
     model = model.to(device)
     if fsdp and _distributed():
@@ -142,10 +175,10 @@ def wrap_model(
         kw = {"mp_policy": mp} if mp is not None else {}
         for layer in model.layers:
             fully_shard(layer, **kw)
-        runner = ObjectiveRunner(model, compile_model)
+        runner = ObjectiveRunner(model, compile_model, attention_backend)
         fully_shard(runner, **kw)
         return runner
-    runner = ObjectiveRunner(model, compile_model)
+    runner = ObjectiveRunner(model, compile_model, attention_backend)
     if _distributed():
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -180,7 +180,8 @@ def run_pretrain(
         model = OpenELM(mcfg, activation_checkpointing=pt.activation_checkpointing)
         on_gpu = device_type == "cuda"
         runner = D.wrap_model(model, device=info.device, compile_model=bool(opt["compile"]),
-                              fsdp=pt.fsdp and info.world_size > 1, fsdp_bf16=pt.precision == "bf16" and on_gpu)
+                              fsdp=pt.fsdp and info.world_size > 1, fsdp_bf16=pt.precision == "bf16" and on_gpu,
+                              attention_backend=pt.attention_backend)
         optimizer = build_adamw(model, lr=pt.warmup_init_lr, betas=pt.adam_betas, eps=pt.adam_eps,
                                 weight_decay=pt.weight_decay)
         objective = lm_objective(z_loss_coef=pt.z_loss_coef if pt.z_loss else 0.0)

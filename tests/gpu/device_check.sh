@@ -18,6 +18,7 @@ bench() {  # name, timeout, args...
   echo "bench $name: exit $? in $((SECONDS - t0)) s"
 }
 bench 270m 170 --recipe 270m --micro-batch 16 --steps 15 --warmup 3 --profile "$OUT/profile_270m"
+bench 270m_cudnn 150 --recipe 270m --micro-batch 16 --steps 15 --warmup 3 --set pretrain.attention_backend=cudnn --profile "$OUT/profile_270m_cudnn"
 bench 1_1b 200 --recipe 1_1b --micro-batch 16 --checkpointing off --steps 10 --warmup 3
 t0=$SECONDS
 timeout "${GPU_TEST_TIMEOUT:-240}" python3 -m pytest -m gpu tests/gpu -q -x -p no:cacheprovider -o addopts="" >"$OUT/gpu_tests.txt" 2>&1
@@ -29,7 +30,7 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("bench_*.json")):
         r = json.loads(f.read_text())
     except Exception:
         print(f.name, "no result:", (f.with_suffix(".err").read_text().strip().splitlines() or ["?"])[-1]); continue
-    print(f"{r['recipe']:>5} mb={r['micro_batch']} ckpt={r['activation_checkpointing']} "
+    print(f"{r['recipe']:>5} attn={r.get('attention_backend', 'auto')} mb={r['micro_batch']} ckpt={r['activation_checkpointing']} "
           f"{r['tokens_per_s']:,.0f} tok/s  MFU {r['mfu']:.1%}  peak {r['peak_memory_gib']:.1f} GiB  "
           f"compile {r['compile_time_s']:.0f} s  loss {r['loss_first']:.2f}->{r['loss_last']:.2f}")
     if r.get("profile"):

@@ -93,3 +93,36 @@ def test_generate_on_cuda_matches_full_forward():
         for _ in range(10):
             full = torch.cat([full, model(full)[:, -1, :259].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, full)
+
+
+@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+def test_attention_preference_compiled_matches_fp32_eager(backend):
+    """pretrain.attention_backend under compile + bf16: same loss and grads as fp32 eager; the
+    preferred kernel runs where it can (cuDNN may decline a shape, then flash serves)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from elmctl.train import dist as D
+
+    torch.manual_seed(0)
+    ref = elmctl.build_model("270m", device="cuda")
+    model = copy.deepcopy(ref)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 513), device="cuda")
+    ref_loss = _loss(ref, ids)
+    ref_loss.backward()
+
+    torch._dynamo.reset()
+    handle = D.ModelHandle(model, compile_model=True, attention_backend=backend)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(handle(ids[:, :-1]).float().flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        torch.cuda.synchronize()
+    kernels = {e.name for e in prof.events() if "flash" in e.name.lower() or "sdpa" in e.name.lower()
+               or "fmha" in e.name.lower() or "cudnn" in e.name.lower()}
+    print(backend, "attention kernels:", sorted(k[:90] for k in kernels))
+    assert kernels, "no fused attention kernel ran"
+    if backend == "flash":
+        assert any("flash" in k.lower() and "cudnn" not in k.lower() for k in kernels)
+    assert abs(loss.item() - ref_loss.item()) < 2e-2 * ref_loss.item()
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        assert _cos(q.grad, p.grad) > 0.99, name
