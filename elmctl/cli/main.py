@@ -119,13 +119,16 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Exception as exc:  # click usage errors carry their own exit code
         for mod in _click_exception_modules():
-            if isinstance(exc, mod.ClickException):
+            # typer._click.exceptions has no Abort/Exit (they live in typer.exceptions): look up
+            # each name, or a bug's own traceback is buried under an AttributeError from here.
+            click_exc, abort, exit_ = (getattr(mod, n, None) for n in ("ClickException", "Abort", "Exit"))
+            if click_exc is not None and isinstance(exc, click_exc):
                 exc.show()
                 return exc.exit_code
-            if isinstance(exc, mod.Abort):
+            if abort is not None and isinstance(exc, abort):
                 print("aborted", file=sys.stderr)
                 return EXIT_RUNTIME
-            if isinstance(exc, mod.Exit):
+            if exit_ is not None and isinstance(exc, exit_):
                 return exc.exit_code
         raise
     return rv if isinstance(rv, int) else 0
