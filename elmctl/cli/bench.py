@@ -26,6 +26,7 @@ def bench_cmd(
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed optimizer steps.")] = 20,
     warmup: Annotated[int, typer.Option("--warmup", min=1, help="Untimed steps first (compile happens here).")] = 3,
     micro_batch: Annotated[int | None, typer.Option("--micro-batch", min=1, help="Sequences per GPU per step (default: the recipe's).")] = None,
+    grad_accumulation: Annotated[int, typer.Option("--grad-accumulation", min=1, help="Micro-batches per optimizer step (gradients all-reduced once per step, as in training).")] = 1,
     seq_len: Annotated[int | None, typer.Option("--seq-len", min=8, help="Sequence length (default: the recipe's context).")] = None,
     checkpointing: Annotated[str, typer.Option("--checkpointing", help="Activation checkpointing: recipe, on, off.")] = "recipe",
     no_compile: Annotated[bool, typer.Option("--no-compile", help="Eager mode (compile is on by default on GPU).")] = False,
@@ -39,6 +40,9 @@ def bench_cmd(
     `--profile DIR` adds where the time goes: device time per step split into matmul, matmul fp32,
     attention, elementwise, optimizer, communication, memory copy; the top kernels; and a
     Chrome trace (open in ui.perfetto.dev).
+
+    Scaling over several GPUs: compare `--gpus 1` with `--gpus 8` (tokens/s per GPU), at the
+    `--grad-accumulation` your training uses (gradients are all-reduced once per optimizer step).
 
     Example: elmctl bench --recipe 270m --micro-batch 16 --steps 20
     """
@@ -54,6 +58,8 @@ def bench_cmd(
         args += ["--micro-batch", str(micro_batch)]
     if seq_len:
         args += ["--seq-len", str(seq_len)]
+    if grad_accumulation > 1:
+        args += ["--grad-accumulation", str(grad_accumulation)]
     if no_compile:
         args.append("--no-compile")
     if profile:
@@ -109,7 +115,7 @@ def _render(res: dict) -> None:
     t.add_column(style="cyan")
     t.add_column(justify="right")
     rows = [
-        ("batch", f"{res['micro_batch']} seq x {res['seq_len']} tok x {res['processes']} proc"),
+        ("batch", f"{res['micro_batch']} seq x {res['seq_len']} tok x {res['grad_accumulation']} accum x {res['processes']} proc"),
         ("precision / compile / act. ckpt", f"{res['precision']} / {res['compiled']} / {res['activation_checkpointing']}"),
         ("attention kernel preference", res.get("attention_backend", "auto")),
         ("step time (mean)", f"{res['step_time_s'] * 1e3:.1f} ms"),

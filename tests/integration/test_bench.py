@@ -22,6 +22,15 @@ def test_bench_cpu_json(cli):
     assert res["loss_last"] != res["loss_first"]
 
 
+def test_bench_grad_accumulation_counts_every_micro_batch(cli):
+    r = cli("bench", "--recipe", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--grad-accumulation", "3",
+            "--format", "json", *SMALL)
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    assert res["grad_accumulation"] == 3
+    assert res["tokens_per_s"] == pytest.approx(3 * 2 * 32 / res["step_time_s"])
+
+
 def test_bench_cpu_table(cli):
     r = cli("bench", "--recipe", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", *SMALL)
     assert r.code == 0, r.err
