@@ -23,6 +23,7 @@ def bench_cmd(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe id or path.")] = "tiny",
     gpus: Annotated[str | None, typer.Option("--gpus", help="GPUs: a count, 'all', or indices '0,3'.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="'cpu' to bench on the CPU.")] = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, help="With --device cpu: processes (gloo), to check the multi-process step.")] = None,
     steps: Annotated[int, typer.Option("--steps", min=1, help="Timed optimizer steps.")] = 20,
     warmup: Annotated[int, typer.Option("--warmup", min=1, help="Untimed steps first (compile happens here).")] = 3,
     micro_batch: Annotated[int | None, typer.Option("--micro-batch", min=1, help="Sequences per GPU per step (default: the recipe's).")] = None,
@@ -72,16 +73,15 @@ def bench_cmd(
     from elmctl.launch import locks
     from elmctl.launch import torchrun
 
-    if device == "cpu":
-        indices: list[int] = []
-    elif device not in (None, "cuda"):
+    if device not in (None, "cpu", "cuda"):
         raise UsageError(f"--device must be cpu or cuda, got '{device}'")
-    else:
-        indices = G.select(gpus or "1", G.discover(), device=device)
+    if nproc is not None and device != "cpu":
+        raise UsageError("--nproc is for --device cpu", "on GPUs, --gpus N runs one process per GPU")
+    indices: list[int] = [] if device == "cpu" else G.select(gpus or "1", G.discover(), device=device)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "bench.json")
         args += ["--device", "cuda" if indices else "cpu", "--json-out", out]
-        nproc = max(1, len(indices))
+        nproc = len(indices) if indices else (nproc or 1)
         if nproc == 1:
             cmd = [sys.executable, "-m", "elmctl.train.bench", *args]
         else:
@@ -90,7 +90,8 @@ def bench_cmd(
         lease = locks.acquire(indices, "bench") if indices else None
         try:
             c = console(stderr=True)
-            c.print(f"[dim]benchmarking {r.id} on {'GPU ' + ','.join(map(str, indices)) if indices else 'CPU'} "
+            where = f"GPU {','.join(map(str, indices))}" if indices else f"CPU ({nproc} process{'es' if nproc > 1 else ''})"
+            c.print(f"[dim]benchmarking {r.id} on {where} "
                     f"({steps} steps after {warmup} warm-up)...[/]")
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         finally:

@@ -31,6 +31,19 @@ def test_bench_grad_accumulation_counts_every_micro_batch(cli):
     assert res["tokens_per_s"] == pytest.approx(3 * 2 * 32 / res["step_time_s"])
 
 
+def test_bench_two_cpu_processes(cli):
+    # The multi-process path (torchrun, gloo all-reduce, rank 0 writes the result) as on 8 GPUs.
+    r = cli("bench", "--recipe", "tiny", "--device", "cpu", "--nproc", "2", "--steps", "2", "--warmup", "1",
+            "--format", "json", *SMALL)
+    assert r.code == 0, r.err
+    res = json.loads(r.out)
+    assert res["processes"] == 2
+    assert res["tokens_per_s"] == pytest.approx(2 * 2 * 32 / res["step_time_s"])
+    assert res["tokens_per_s_per_gpu"] == pytest.approx(res["tokens_per_s"] / 2)
+    r = cli("bench", "--recipe", "tiny", "--nproc", "2")
+    assert r.code == 2 and "--nproc is for --device cpu" in r.err
+
+
 def test_bench_cpu_table(cli):
     r = cli("bench", "--recipe", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", *SMALL)
     assert r.code == 0, r.err
