@@ -55,10 +55,14 @@ def _chunk_forward(h_CD: torch.Tensor, w_VD: torch.Tensor, y_C: torch.Tensor, z_
     z_sum = (lse_C.square() * keep_f).sum()
     if not need_grad:
         return ce_sum, z_sum, None, None
-    # d/dlogits of [ce + coef*lse^2] per position, zero where ignored.
-    probs_CV = torch.softmax(logits_CV, dim=-1) * (1.0 + 2.0 * z_coef * lse_C)[:, None]
-    probs_CV.scatter_add_(1, safe_y_C[:, None], -torch.ones_like(lse_C)[:, None])
-    dlogits_CV = (probs_CV * keep_f[:, None]).to(h_CD.dtype)
+    # d/dlogits of [ce + coef*lse^2] per position, zero where ignored. Written as one elementwise
+    # expression of (logits, lse, y) -- softmax as exp(z - lse), the one-hot as a comparison -- so
+    # the compiled chunk is one fused pass over the C x V logits (a scatter would need the fp32
+    # probabilities materialised and re-read).
+    scale_C = (1.0 + 2.0 * z_coef * lse_C) * keep_f
+    probs_CV = torch.exp(logits_CV - lse_C[:, None]) * scale_C[:, None]
+    onehot_CV = torch.arange(logits_CV.shape[1], device=y_C.device)[None, :] == safe_y_C[:, None]
+    dlogits_CV = torch.where(onehot_CV, probs_CV - keep_f[:, None], probs_CV).to(h_CD.dtype)
     grad_h_CD = dlogits_CV @ w_VD
     # In the compute dtype like the other two matmuls (bf16 tensor cores on GPU, fp32 accumulation
     # inside the GEMM); the caller sums the chunks in fp32. As an fp32 GEMM this was 2*B*T*V*D
