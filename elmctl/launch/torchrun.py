@@ -2,8 +2,12 @@
 
 Single node, no port given: ``--standalone`` (a c10d store on a free port the launcher picks
 itself, so parallel sweep trials never race for a port). Single node with ``master_port``:
-explicit ``--master-addr 127.0.0.1 --master-port P``. Several nodes: c10d rendezvous at
-``rdzv_endpoint`` (the head node's address, never "localhost": nebius-solutions-library#177).
+explicit ``--master-addr 127.0.0.1 --master-port P``. Several nodes: rendezvous at
+``rdzv_endpoint`` (the head node's address, never "localhost": nebius-solutions-library#177),
+c10d by default (sbatch: every node runs the same line, ranks come from the rendezvous), or
+``static`` when each node is started by hand with its ``--node-rank``: c10d ignores
+``--node-rank`` and orders nodes by (hostname, pid), so the node a user calls 0 could end up
+holding global rank 1; static honours it (node 0 hosts the store at the endpoint).
 
     python -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=8 \
         -m elmctl.train.worker --run ab12cd34
@@ -37,6 +41,7 @@ def build_command(
     rdzv_id: str | None = None,
     master_port: int | None = None,
     python: str | None = None,
+    rdzv_backend: str = "c10d",
 ) -> list[str]:
     """The torchrun command that starts ``nproc`` copies of a module on this node.
 
@@ -48,6 +53,8 @@ def build_command(
         rdzv_id: rendezvous id shared by the nodes of one job (e.g. the run id).
         master_port: single node only: fixed port instead of ``--standalone``.
         python: interpreter (default: this one, so the venv's torch is used).
+        rdzv_backend: ``c10d`` (ranks assigned by the rendezvous) or ``static`` (``node_rank``
+            decides; needed for it to mean anything, see the module docstring).
 
     Raises:
         ValueError: inconsistent arguments (a caller bug, not a user error).
@@ -67,10 +74,14 @@ def build_command(
             raise ValueError("several nodes need rdzv_endpoint (head node host:port)")
         if master_port is not None:
             raise ValueError("master_port is for single-node runs; multi-node uses rdzv_endpoint")
+        if rdzv_backend not in ("c10d", "static"):
+            raise ValueError(f"rdzv_backend must be c10d or static (got {rdzv_backend!r})")
+        if rdzv_backend == "static" and node_rank is None:
+            raise ValueError("the static rendezvous needs node_rank")
         cmd += [f"--nnodes={nnodes}"]
         if node_rank is not None:
             cmd += [f"--node-rank={int(node_rank)}"]
-        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+        cmd += [f"--rdzv-backend={rdzv_backend}", f"--rdzv-endpoint={rdzv_endpoint}"]
         if rdzv_id:
             cmd += [f"--rdzv-id={rdzv_id}"]
     # No elastic restarts: a crash should surface (and be resumed from a checkpoint), not loop.

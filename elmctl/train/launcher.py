@@ -109,7 +109,7 @@ def prepare(req: PretrainRequest):
         max_steps=req.max_steps if req.max_steps is not None else saved.get("max_steps"),
         compile_model=compile_model, run_dir=run_dir, data_dir=data_dir,
         worker_args=["elmctl.train.worker", "--run-dir", run_dir], rdzv_endpoint=req.rdzv_endpoint,
-        node_rank=req.node_rank if req.nnodes > 1 else 0,
+        node_rank=req.node_rank, slurm=req.slurm,
     )
     if req.resume:
         _check_topology(req, plan)
@@ -194,7 +194,10 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
             (run_dir / "options.json").write_text(json.dumps(opts, indent=2))
             store.reopen(run.id, devices=_devices(plan))
         else:
-            run = store.create_run("pretrain", recipe.id, recipe.model_dump(mode="json"), name=req.name,
+            # Other nodes of a job started by hand keep their own record; "<name>.node<r>" keeps the
+            # same --name on every node from clashing in a shared store (rank 0 owns the run).
+            name = f"{req.name}.node{req.node_rank}" if req.name and req.node_rank > 0 else req.name
+            run = store.create_run("pretrain", recipe.id, recipe.model_dump(mode="json"), name=name,
                                    status="queued", devices=_devices(plan), config={})
             run_dir = Path(run.run_dir)
             opts = _options(req, plan, run.id, store.url)
@@ -207,21 +210,34 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
             return _write_slurm(req, plan, run, store)
         lease = None
         if plan.device == "cuda":
-            from elmctl.launch.locks import acquire
-
             try:
-                lease = acquire(plan.gpus, run.id, wait=req.wait,
-                                on_wait=lambda h: on_event and on_event(f"waiting for GPUs held by other runs: {sorted(h)}"))
+                lease = _acquire_gpus(plan, run, store, wait=req.wait, on_event=on_event)
             except BaseException as exc:  # busy (or Ctrl-C while queued): the run never started
                 store.update_run(run.id, status="cancelled" if isinstance(exc, KeyboardInterrupt) else "failed",
                                  error=getattr(exc, "message", None) or type(exc).__name__)
                 raise
+            if lease is None:  # cancelled while queued (elmctl runs cancel, SIGTERM)
+                if on_event:
+                    on_event("cancelled while queued for GPUs; nothing was trained")
+                return _result(store, run, run_dir, [])
         try:
+            if plan.device == "cuda" and plan.in_process:  # CUDA is not initialised yet here: pin the GPU
+                os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+                os.environ["CUDA_VISIBLE_DEVICES"] = str(plan.gpus[0])
+            if plan.device == "cuda" and (reason := _cuda_unusable(plan)):
+                store.update_run(run.id, status="failed", error=reason)
+                raise RuntimeFailure(f"run {run.label} failed: {reason}", hint="install a CUDA build of torch "
+                                     "(pytorch.org/get-started), or train on the CPU with --device cpu")
             if plan.in_process:
-                if plan.device == "cuda":  # CUDA is not initialised yet in this process: pin the GPU
-                    os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-                    os.environ["CUDA_VISIBLE_DEVICES"] = str(plan.gpus[0])
-                result = _run_in_process(run_dir, store.url, on_log, on_event)
+                try:
+                    result = _run_in_process(run_dir, store.url, on_log, on_event)
+                except BaseException as exc:  # run_pretrain records most failures; never leave it queued
+                    current = store.get_run(run.id)
+                    if current.status in ("running", "queued"):
+                        interrupted = isinstance(exc, KeyboardInterrupt)
+                        store.update_run(run.id, status="cancelled" if interrupted else "failed",
+                                         error="interrupted" if interrupted else f"{type(exc).__name__}: {exc}"[:2000])
+                    raise
                 warnings = result.warnings
             else:
                 warnings = []
@@ -233,12 +249,83 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
         finally:
             if lease is not None:
                 lease.release()
-        final = store.get_run(run.id)
-        metrics = store.latest_metrics(run.id)
-        return {"run_id": run.id, "label": final.label, "status": final.status, "step": final.step,
-                "metrics": metrics, "error": final.error, "run_dir": str(run_dir), "warnings": warnings}
+        return _result(store, run, run_dir, warnings)
     finally:
         store.close()
+
+
+def _result(store, run, run_dir: Path, warnings: list[str]) -> dict:
+    final = store.get_run(run.id)
+    metrics = store.latest_metrics(run.id)
+    return {"run_id": run.id, "label": final.label, "status": final.status, "step": final.step,
+            "metrics": metrics, "error": final.error, "run_dir": str(run_dir), "warnings": warnings}
+
+
+_QUEUE_CHECK_S = 1.0  # while queued: how often to retry the GPU locks and look for a cancel
+
+
+def _acquire_gpus(plan, run, store, *, wait: bool, on_event: Callable[[str], None] | None):
+    """The run's GPU lease; with ``wait``, queue until the GPUs are free. None: cancelled while queued.
+
+    The run records this process as its pid first, so ``elmctl runs cancel`` can signal the waiting
+    process and a waiter killed outright is shown as failed (``mark_dead_runs``), not queued forever.
+    While queued the run's status is re-read every ``_QUEUE_CHECK_S``: a cancel from another host
+    (no signal possible) still ends the wait. SIGTERM ends it as cancelled too.
+    """
+    from elmctl.launch.locks import GpuBusyError, acquire
+
+    store.update_run(run.id, pid=os.getpid())
+    if not wait:
+        return acquire(plan.gpus, run.id)
+
+    state = {"told": False, "term": False}
+
+    def on_wait(busy) -> None:
+        if not state["told"] and on_event:
+            on_event("waiting for GPUs held by other runs: " + "; ".join(h.describe() for _, h in sorted(busy.items())))
+        state["told"] = True
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: state.update(term=True)) if main_thread else None
+    try:
+        while True:
+            lease = None
+            if not state["term"]:
+                try:
+                    lease = acquire(plan.gpus, run.id, wait=True, poll=_QUEUE_CHECK_S, timeout=_QUEUE_CHECK_S,
+                                    on_wait=on_wait)
+                except GpuBusyError:
+                    pass
+            current = store.get_run(run.id)
+            if state["term"] or current.status == "cancelled":
+                if lease is not None:
+                    lease.release()
+                if current.status != "cancelled":
+                    store.update_run(run.id, status="cancelled", error="stopped (SIGTERM) while queued for GPUs")
+                return None
+            if lease is not None:
+                return lease
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _cuda_unusable(plan) -> str | None:
+    """Why this process cannot train on CUDA (CPU build of torch, no usable device), or None.
+
+    nvidia-smi seeing GPUs says nothing about the installed torch; without this check the user
+    gets a traceback from deep inside torch.cuda. Called after CUDA_VISIBLE_DEVICES is pinned:
+    ``is_available()`` initialises CUDA, which reads it once.
+    """
+    import torch
+
+    gpus = ",".join(map(str, plan.gpus))
+    wanted = f"but this run is planned on GPU{'s' if len(plan.gpus) != 1 else ''} {gpus} (--device cuda)"
+    if not torch.backends.cuda.is_built():
+        return f"torch {torch.__version__} was built without CUDA, {wanted}"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} (CUDA {torch.version.cuda}) finds no usable CUDA device, {wanted}"
+    return None
 
 
 def _devices(plan) -> str:

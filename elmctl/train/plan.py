@@ -12,7 +12,7 @@ from typing import Any
 
 from elmctl.errors import UsageError
 
-__all__ = ["PretrainPlan", "split_batch", "make_plan", "topology_diff"]
+__all__ = ["PretrainPlan", "split_batch", "check_nodes", "make_plan", "topology_diff"]
 
 
 @dataclass
@@ -69,6 +69,36 @@ def split_batch(global_batch: int, world_size: int, micro_batch: int | None, max
     return micro_batch, per_rank // micro_batch
 
 
+def check_nodes(nnodes: int, node_rank: int, rdzv_endpoint: str | None, *, slurm: bool = False) -> None:
+    """Validate the multi-node options (``--nnodes/--node-rank/--rdzv-endpoint``).
+
+    Raises:
+        UsageError: a node count below 1, a node rank outside ``0..nnodes-1``, several nodes without
+            a rendezvous endpoint, an endpoint that is not ``host:port``, or ``--slurm`` with
+            options the sbatch script decides itself.
+    """
+    if nnodes < 1:
+        raise UsageError(f"--nnodes {nnodes}: needs at least 1 node")
+    if slurm:
+        if rdzv_endpoint is not None or node_rank != 0:
+            raise UsageError("--slurm picks the head node and the node ranks itself",
+                             hint="drop --rdzv-endpoint/--node-rank (set ELMCTL_RDZV_PORT to change the port)")
+        return
+    if not 0 <= node_rank < nnodes:
+        raise UsageError(f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}",
+                         hint="number the nodes 0 (the head node, at --rdzv-endpoint) to nnodes-1")
+    if rdzv_endpoint is None:
+        if nnodes > 1:
+            raise UsageError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the head node's address)",
+                             hint="run the same command on every node with its own --node-rank, e.g. "
+                                  "--rdzv-endpoint 10.0.0.1:29500 (a free port on node 0)")
+        return
+    host, sep, port = rdzv_endpoint.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--rdzv-endpoint {rdzv_endpoint!r} is not HOST:PORT",
+                         hint="give the head node's address and a free port, e.g. 10.0.0.1:29500")
+
+
 def make_plan(
     recipe,
     *,
@@ -85,9 +115,18 @@ def make_plan(
     data_dir: str,
     worker_args: list[str],
     rdzv_endpoint: str | None = None,
-    node_rank: int | None = 0,
+    node_rank: int = 0,
+    slurm: bool = False,
 ) -> PretrainPlan:
+    """The plan; ``slurm``: the command shown is the one each node's srun runs (c10d, ranks from the
+    rendezvous at the allocation's first node), with the shell variables the sbatch script sets.
+
+    Raises:
+        UsageError: bad node options (:func:`check_nodes`), a batch that does not split.
+    """
     from elmctl.config.derived import GIB, memory_estimate
+
+    check_nodes(nnodes, node_rank, rdzv_endpoint, slurm=slurm)
 
     pt, mcfg = recipe.pretrain, recipe.model
     world = nproc * nnodes
@@ -119,8 +158,15 @@ def make_plan(
     if not in_process:
         from elmctl.launch.torchrun import build_command
 
-        command = build_command(nproc, worker_args, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
-                                python=sys.executable)
+        if slurm:
+            command = build_command(nproc, worker_args, nnodes=nnodes, node_rank=None, python=sys.executable,
+                                    rdzv_endpoint="$head_addr:$rdzv_port", rdzv_id="$SLURM_JOB_ID")
+        else:
+            # Nodes started by hand: a static rendezvous, so node 0 really is global rank 0 (the one
+            # that records metrics and writes checkpoints); c10d would ignore --node-rank.
+            command = build_command(nproc, worker_args, nnodes=nnodes, node_rank=node_rank,
+                                    rdzv_endpoint=rdzv_endpoint, python=sys.executable,
+                                    rdzv_backend="static" if rdzv_endpoint else "c10d")
     steps = max_steps if max_steps is not None else pt.max_iterations
     return PretrainPlan(
         recipe_id=recipe.id, device=device, gpus=list(gpus), gpu_name=gpu_name, gpu_mem_gib=gpu_mem_gib,

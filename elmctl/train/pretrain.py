@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from elmctl.train import dist as D
-from elmctl.train.checkpoint import find_resumable, load_checkpoint_files, save_checkpoint
+from elmctl.train.checkpoint import load_checkpoint_files, save_checkpoint
 from elmctl.train.loop import Hooks, LoopConfig, LoopResult, train
 from elmctl.train.objectives import lm_objective, shift_labels
 from elmctl.train.optim import build_adamw
@@ -160,18 +160,30 @@ def run_pretrain(
     ``on_log``/``on_event`` are for the CLI's progress display (rank 0 only). ``log_path`` (relative
     to the run folder) receives the event lines; None when a supervisor already tees stdout there.
     """
+    from elmctl.config.schema import Recipe
     from elmctl.data.shards import TokenDataset
     from elmctl.store import Store
+    from elmctl.train.nodes import agree_on_checkpoint, follow_head
 
     run_dir = Path(run_dir)
     recipe, opt = read_run_files(run_dir)
-    pt, mcfg = recipe.pretrain, recipe.model
     device_type = opt["device"]
     info = D.init_distributed(device_type)
-    store = Store(store_url or os.environ.get("ELMCTL_STORE") or opt.get("store_url")) if info.is_main else None
+    # Several nodes started by hand each have their own run record: all train global rank 0's run.
+    head_recipe, opt, role, notes = follow_head(recipe.model_dump(mode="json"), opt, info)
+    if head_recipe != recipe.model_dump(mode="json"):
+        recipe = Recipe.model_validate(head_recipe)
+    pt, mcfg = recipe.pretrain, recipe.model
+    records = info.is_main or role.records_node_run  # rank 0: the run; a node's first process: its record
+    store = Store(store_url or os.environ.get("ELMCTL_STORE") or opt.get("store_url")) if records else None
     run_id = opt["run_id"]
-    event = RunLog(run_dir / log_path if log_path else None, on_event, info.is_main)
+    event = RunLog(run_dir / log_path if log_path else None, on_event, records)
     warnings: list[str] = []
+    for note in notes:
+        event("note: " + note)
+    if role.records_node_run:
+        event(f"node {role.node_rank} of {role.nnodes}: metrics and checkpoints go to the head node's run "
+              f"{role.head_run_id}")
 
     try:
         D.seed_everything(pt.seed)
@@ -182,6 +194,8 @@ def run_pretrain(
         runner = D.wrap_model(model, device=info.device, compile_model=bool(opt["compile"]),
                               fsdp=pt.fsdp and info.world_size > 1, fsdp_bf16=pt.precision == "bf16" and on_gpu,
                               attention_backend=pt.attention_backend)
+        if pt.fsdp and info.world_size > 1:
+            event(f"FSDP2: parameters, gradients and optimizer state sharded over {info.world_size} processes")
         optimizer = build_adamw(model, lr=pt.warmup_init_lr, betas=pt.adam_betas, eps=pt.adam_eps,
                                 weight_decay=pt.weight_decay)
         objective = lm_objective(z_loss_coef=pt.z_loss_coef if pt.z_loss else 0.0)
@@ -199,9 +213,9 @@ def run_pretrain(
         start_step = 0
         if opt.get("resume"):
             expected = {}
-            if store is not None:
+            if info.is_main:
                 expected = {c.step: c.meta.get("sha256") for c in store.checkpoints(run_id) if c.meta.get("sha256")}
-            ckpt, warns = find_resumable(run_dir, expected)
+            ckpt, warns = agree_on_checkpoint(run_dir, expected, info)  # rank 0's pick, on every rank
             for w in warns:
                 event("warning: " + w)
             warnings += warns
@@ -213,7 +227,7 @@ def run_pretrain(
                 rngs = tstate["rng"]
                 D.set_rng_state(rngs[info.rank % len(rngs)])
                 start_step = int(tstate["step"])
-                if store is not None:
+                if info.is_main:
                     store.discard_metrics_after(run_id, start_step)
                 event(f"resumed from {ckpt.path.name} (step {start_step})")
 
@@ -263,6 +277,10 @@ def run_pretrain(
 
         if store is not None:
             store.update_run(run_id, status="running", pid=os.getpid(), error=None)
+            if role.nnodes > 1:  # link the records of a job whose nodes were started by hand
+                link = {"node_runs": role.node_runs} if info.is_main else {"head_run": role.head_run_id}
+                config = {**store.get_run(run_id).config, **{k: v for k, v in opt.items() if k != "store_url"}}
+                store.update_run(run_id, config={**config, "nnodes": role.nnodes, "node_rank": role.node_rank, **link})
         event(f"training steps {start_step + 1}..{cfg.max_steps}: {info.world_size} process(es) x "
               f"{opt['micro_batch']} x {opt['grad_accumulation']} = {G} sequences of {opt['seq_len']} tokens")
         result: LoopResult = train(
