@@ -72,7 +72,8 @@ def pretrain(
     else:
         color = {"completed": "green", "cancelled": "yellow"}.get(result["status"], "red")
         loss = result.get("metrics", {}).get("loss")
-        out.print(f"run [bold]{result['run_id']}[/] {result['label']}: [{color}]{result['status']}[/] at step "
+        named = f" ({result['label']})" if result["label"] != result["run_id"] else ""
+        out.print(f"run [bold]{result['run_id']}[/]{named}: [{color}]{result['status']}[/] at step "
                   f"{result['step']}" + (f", loss {loss:.4f}" if loss is not None else "") + f"  ({result['run_dir']})")
         if result["status"] == "cancelled":
             out.print(f"resume with: elmctl pretrain --resume {result['label']}")

@@ -182,9 +182,15 @@ def wrap_model(
     if _distributed():
         from torch.nn.parallel import DistributedDataParallel as DDP
 
+        import inspect
+
         ids = [device.index] if device.type == "cuda" else None
+        # The only buffers are the RoPE tables, equal on every rank: no per-forward buffer sync.
+        # torch >= 2.13 renames the option (the old name warns); older versions know only the old one.
+        no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                   else {"broadcast_buffers": False})
         # Bucketed all-reduce overlapped with backward; no_sync during accumulation (loop.py).
-        return DDP(runner, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+        return DDP(runner, device_ids=ids, gradient_as_bucket_view=True, **no_sync)
     return runner
 
 
