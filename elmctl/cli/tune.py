@@ -71,6 +71,7 @@ def tune_cmd(
     trial_of: Annotated[Optional[str], typer.Option("--trial-of", hidden=True)] = None,
     trial_number: Annotated[Optional[int], typer.Option("--trial-number", hidden=True)] = None,
     master_port: Annotated[Optional[int], typer.Option("--master-port", hidden=True)] = None,
+    resume_from: Annotated[Optional[str], typer.Option("--resume-from", hidden=True, help="Earlier attempts' run ids (tune-sweep retries): continue from the first compatible checkpoint.")] = None,
 ) -> None:
     """Instruction-tune a base model with DPO (sigmoid), hinge or SFT, Table 10 style.
 
@@ -101,8 +102,21 @@ def tune_cmd(
     world = max(1, len(gpu_list))
     micro, accum = plan_batch(rec.instruct, world)
     devices = ",".join(map(str, gpu_list)) if gpu_list else "cpu"
+    from elmctl.sweep import resume as R
+
+    identity = R.trial_identity(rec, lr=lr, epochs=epochs, loss=loss, base_path=b.path, data_dir=data_dir,
+                                precompute_ref=precompute_ref, on_gpu=bool(gpu_list))
+    point, notes = None, []
+    if resume_from:  # decided here, once, before any worker starts: every rank loads the same checkpoint
+        topo = R.topology(world_size=world, global_batch=micro * accum * world, micro_batch=micro, grad_accumulation=accum)
+        point, notes = R.choose([r for r in resume_from.split(",") if r], st, identity, topo)
     config = {"lr": lr, "epochs": epochs, "loss": loss, "base": b.label, "data": str(data_dir)}
-    if run_id:
+    if point is not None:
+        config["resumed_from"] = point.as_dict()
+    elif resume_from:
+        config["resume_skipped"] = "; ".join(notes) or "no checkpoint"
+    if run_id:  # a sweep trial: keep what the driver recorded (attempt, slot)
+        config = {**st.get_run(run_id).config, **config}
         run = st.update_run(run_id, recipe_id=rec.id, recipe=rec.model_dump(mode="json"), devices=devices,
                             config=config, **({"name": name} if name else {}))
     else:
@@ -115,12 +129,20 @@ def tune_cmd(
         "run_id": run.id, "store_url": st.url, "device": "cuda" if gpu_list else "cpu", "base_kind": b.kind,
         "base_path": b.path, "base_label": b.label, "data_dir": str(data_dir), "lr": lr, "epochs": epochs,
         "loss": loss, "micro_batch": micro, "grad_accumulation": accum, "precompute_ref": precompute_ref,
-        "study": trial_of, "trial": trial_number})
+        "study": trial_of, "trial": trial_number, "identity": identity, "resume_from": resume_from,
+        "resume": point.as_dict() if point is not None else None, "resume_notes": notes})
     err = console(stderr=True)
     quiet = fmt == Format.json
     if not quiet:
         err.print(f"tune run [bold]{run.label}[/] ({run.id}): {loss}, lr {lr:g}, {epochs} epochs, base {b.label}, "
                   f"{world} x {micro} x {accum} pairs/step on {devices}")
+    if not quiet and world > 1 and resume_from:  # in-process, run_tune's own log lines say it
+        from rich.markup import escape
+
+        for note in notes:
+            err.print(f"[yellow]resume: {escape(note)}[/]", highlight=False)
+        err.print(f"resuming from {R.describe(point.as_dict())}" if point is not None
+                  else "[yellow]not resuming: no compatible checkpoint; starting from the base weights[/]")
     if world == 1:
         status = _tune_in_process(run_dir, gpu_list, run.id, None if quiet else err)
     else:
@@ -129,7 +151,8 @@ def tune_cmd(
     metrics = {k: v for k, v in st.latest_metrics(run.id).items() if k in ("epoch", "eval_loss", "reward_accuracy", "reward_margin")}
     ckpts = st.checkpoints(run.id)
     out = {"run_id": run.id, "name": run.name, "status": final.status, "step": final.step, "metrics": metrics,
-           "checkpoint": ckpts[-1].path if ckpts else None, "error": final.error}
+           "checkpoint": ckpts[-1].path if ckpts else None, "error": final.error,
+           "resumed_from": point.as_dict() if point is not None else None}
     if quiet:
         emit_json(out)
     else:
@@ -227,7 +250,10 @@ def sweep_cmd(
     Resume: rerun the same command. Finished cells are kept; trials left running by a killed driver
     are marked FAIL and their cells retried (up to --max-retries for trials that themselves failed;
     interrupted or orphaned trials do not count); no cell completes twice. Ctrl-C stops the running
-    trials and leaves the study consistent.
+    trials and leaves the study consistent. A retried cell continues from its earlier attempt's last
+    checkpoint (per epoch, or where it was stopped) when the lr, epochs, seed, data, base and batch
+    plan match, else it starts from the base and its log says why; the live view and the summary
+    show "resumed from attempt N, epoch E".
 
     Several machines: run the same command with --storage postgresql://user@db/elmctl --study NAME
     on each, each on its own GPUs. A driver claims a cell by creating its trial RUNNING and checking
@@ -350,6 +376,16 @@ class _LiveView:
             return
         if kind == "info":
             self.err.print(f"[yellow]{view}[/]")
+        elif kind == "resumed":
+            from elmctl.sweep.resume import describe
+
+            self.err.print(f"trial {view.number} lr {view.cell.lr:g} epochs {view.cell.epochs} on {view.slot}: "
+                           f"resumed from {describe(view.resumed_from)}", highlight=False)
+        elif kind == "resume-skipped":
+            from rich.markup import escape
+
+            self.err.print(f"[yellow]trial {view.number} lr {view.cell.lr:g} epochs {view.cell.epochs}: starting from "
+                           f"the base, no earlier checkpoint is usable ({escape(view.resume_skipped or '')})[/]")
         elif kind == "epoch":
             shown = {"eval_loss": view.metrics.get("eval_loss"), "reward_accuracy": view.metrics.get("reward_accuracy")}
             self.err.print(f"trial {view.number} lr {view.cell.lr:g} epochs {view.cell.epochs}: epoch {view.epoch} "
@@ -362,17 +398,25 @@ class _LiveView:
         from rich.table import Table
 
         t = Table(title=f"tune-sweep {self.spec.study}", title_justify="left")
-        for c in ("trial", "lr", "epochs", "slot", "state", "epoch", self.spec.metric, "reward acc", "time"):
-            t.add_column(c, justify="right" if c not in ("state", "slot") else "left")
+        for c in ("trial", "lr", "epochs", "slot", "state", "epoch", self.spec.metric, "reward acc", "time", "resumed"):
+            t.add_column(c, justify="right" if c not in ("state", "slot", "resumed") else "left")
         views = sorted((self.driver.views.values() if self.driver else []), key=lambda v: v.number)[-20:]
         for v in views:
             end = v.ended or time.time()
             t.add_row(str(v.number), f"{v.cell.lr:g}", str(v.cell.epochs), v.slot, _styled(v.state),
                       f"{v.epoch}/{v.cell.epochs}", _fmt(v.value), _fmt(v.metrics.get("reward_accuracy")),
-                      f"{end - v.started:.0f}s")
+                      f"{end - v.started:.0f}s", _resumed_short(v.resumed_from, v.resume_skipped))
         free = sum(1 for s in self.slots if s.free)
         t.caption = f"{len(self.slots) - free}/{len(self.slots)} slots busy"
         return t
+
+
+def _resumed_short(point: dict | None, skipped: str | None) -> str:
+    """'attempt 1 epoch 1' for the live table ('no' when earlier attempts had nothing usable)."""
+    if point:
+        return f"attempt {point.get('attempt')} epoch {point.get('epoch')}" + (
+            "+" if point.get("steps_per_epoch") and point["step"] % point["steps_per_epoch"] else "")
+    return "no (see log)" if skipped else ""
 
 
 def _short(url: str) -> str:
@@ -426,6 +470,13 @@ def _print_summary(out, result: dict[str, Any]) -> None:
                   f"the OpenELM sizes): lr {paper.get('lr'):g}, {paper.get('epochs')} epochs, {paper.get('loss')}")
     else:
         out.print("no cell completed yet")
+    from elmctl.sweep.resume import describe
+
+    for tr in result["trials"]:
+        if tr.get("resumed_from"):
+            p = tr["params"]
+            out.print(f"trial {tr['number']} (lr {p['lr']:g}, {p['epochs']} epochs) resumed from "
+                      f"{describe(tr['resumed_from'])}", highlight=False)
     counts: dict[str, int] = {}
     for tr in result["trials"]:
         counts[tr["state"]] = counts.get(tr["state"], 0) + 1

@@ -5,10 +5,12 @@
 - :mod:`elmctl.sweep.scheduler`: device slots and trial processes (one process group per trial).
 - :mod:`elmctl.sweep.driver`: the loop that claims cells, starts trials on free slots, turns per-epoch
   metrics into intermediate values, prunes, and records results. Only the driver writes the study.
+- :mod:`elmctl.sweep.resume`: trial-level resume; a retried cell continues from its earlier attempt's
+  last compatible checkpoint (the driver lists candidates, ``elmctl tune --resume-from`` picks one).
 
-Nothing here imports torch; optuna and sqlalchemy are imported by the modules that need them.
+Nothing here imports torch at import time (resume's checkpoint checks load it on use); optuna and sqlalchemy are imported by the modules that need them.
 """
 
 from __future__ import annotations
 
-__all__ = ["study", "scheduler", "driver"]
+__all__ = ["study", "scheduler", "driver", "resume"]

@@ -5,7 +5,10 @@ Loop (one process, one thread):
    are retried) and clean up their store runs and stray processes;
 2. while a slot is free and a cell is pending: claim the cell (trial RUNNING, see
    :func:`elmctl.sweep.study.claim_cell`), record a ``tune`` run for it in the store, start
-   ``python -m elmctl tune ... --run-id ID`` on the slot;
+   ``python -m elmctl tune ... --run-id ID`` on the slot; a retried cell also gets
+   ``--resume-from`` with its earlier attempts' runs that recorded a checkpoint, and the trial
+   continues from the first compatible one (:mod:`elmctl.sweep.resume`; the choice lands in the
+   trial's user attrs ``resumed_from`` or ``resume_skipped`` and in the live view);
 3. every ``poll_s``: read each running trial's per-epoch metrics from the store (the trial writes
    ``epoch`` plus ``eval_loss``/``reward_accuracy``/``reward_margin`` at the same step) and report
    them as intermediate values (step = epoch, 1-based); ask the pruner; a pruned trial's process
@@ -17,7 +20,9 @@ Loop (one process, one thread):
 
 Fault injection (tests, and rehearsing failure handling): ``ELMCTL_FAIL_TRIAL_CELL=LR,EPOCHS``
 makes the first ``ELMCTL_FAIL_TRIAL_TIMES`` (default 1) attempts of that cell fail right after they
-start (the trial sees ``ELMCTL_INJECT_FAILURE=1``).
+start (the trial sees ``ELMCTL_INJECT_FAILURE=1``). With ``ELMCTL_FAIL_TRIAL_AFTER_EPOCH=E`` those
+attempts instead die by SIGKILL right after epoch E's checkpoint is written (the trial sees
+``ELMCTL_INJECT_FAILURE=epoch:E``), so the retry has a checkpoint to resume from. Test-only hooks.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from elmctl.sweep import resume as R
 from elmctl.sweep import study as S
 from elmctl.sweep.scheduler import Slot, TrialProcess, stop_process_group
 
@@ -87,10 +93,12 @@ class TrialView:
     started: float = field(default_factory=time.time)
     ended: float | None = None
     reason: str | None = None
+    resumed_from: dict[str, Any] | None = None  # the earlier attempt's checkpoint it continues from
+    resume_skipped: str | None = None  # why it started from the base although earlier attempts exist
 
 
 def trial_command(spec: SweepSpec, cell: S.Cell, slot: Slot, run_id: str, number: int,
-                  master_port: int | None = None) -> list[str]:
+                  master_port: int | None = None, resume_from: tuple[str, ...] | list[str] = ()) -> list[str]:
     """``python -m elmctl tune ...`` for one trial on one slot (torchrun on ``master_port`` when K > 1)."""
     # the store URL travels in the environment (ELMCTL_STORE), not argv: ps shows argv to every user
     cmd = [sys.executable, "-m", "elmctl", "tune", "--recipe", spec.recipe, "--base", spec.base,
@@ -101,7 +109,9 @@ def trial_command(spec: SweepSpec, cell: S.Cell, slot: Slot, run_id: str, number
     if spec.precompute_ref:
         cmd.append("--precompute-ref")
     cmd += ["--device", "cpu"] if slot.devices is None else ["--gpus", str(len(slot.devices))]
-    if master_port is not None:
+    if resume_from:
+        cmd += ["--resume-from", ",".join(resume_from)]
+    if master_port is not None:  # keep last: the driver reads it back from command[-1]
         cmd += ["--master-port", str(master_port)]
     return cmd
 
@@ -112,6 +122,7 @@ class _Active:
     view: TrialView
     proc: TrialProcess
     reported: set[int] = field(default_factory=set)
+    resume_pending: bool = False  # --resume-from given, the trial's choice not read yet
 
 
 class SweepDriver:
@@ -259,7 +270,9 @@ class SweepDriver:
         if fail and attempt <= int(os.environ.get("ELMCTL_FAIL_TRIAL_TIMES", "1")):
             lr, ep = fail.split(",")
             if S.Cell(float(lr), int(ep)) == cell:
-                env["ELMCTL_INJECT_FAILURE"] = "1"
+                after = os.environ.get("ELMCTL_FAIL_TRIAL_AFTER_EPOCH")
+                env["ELMCTL_INJECT_FAILURE"] = f"epoch:{int(after)}" if after else "1"
+        candidates = R.resume_candidates(self.study.get_trials(deepcopy=False), cell, self._checkpoint_step, S.cell_of)
         port = None
         if slot.devices is not None and len(slot.devices) > 1:
             from elmctl.launch.torchrun import free_port
@@ -267,7 +280,7 @@ class SweepDriver:
             port = free_port()  # picked by the driver, one trial at a time: trials never race for a port
             while any(a.view.slot != slot.label and a.proc.command[-1] == str(port) for a in self.active.values()):
                 port = free_port()
-        proc = TrialProcess(trial.number, slot, trial_command(self.spec, cell, slot, run.id, trial.number, port),
+        proc = TrialProcess(trial.number, slot, trial_command(self.spec, cell, slot, run.id, trial.number, port, candidates),
                             _path(log_path), env=env).start()
         trial.set_user_attr("run_id", run.id)
         trial.set_user_attr("worker_pid", proc.pid)
@@ -275,8 +288,28 @@ class SweepDriver:
         slot.trial_number = trial.number
         view = TrialView(trial.number, cell, slot.label, run.id)
         self.views[trial.number] = view
-        self.active[trial.number] = _Active(trial, view, proc)
+        self.active[trial.number] = _Active(trial, view, proc, resume_pending=bool(candidates))
         self.on_event("started", view)
+
+    def _checkpoint_step(self, run_id: str) -> int | None:
+        """The highest checkpoint step the store recorded for a run (None: none, or no such run)."""
+        steps = [c.step for c in self.store.checkpoints(run_id)]
+        return max(steps) if steps else None
+
+    def _read_resume(self, a: _Active) -> None:
+        """Copy the trial's resume decision (written by ``elmctl tune`` before training) to the study."""
+        config = self.store.get_run(a.view.run_id).config
+        if config.get("resumed_from"):
+            a.view.resumed_from = config["resumed_from"]
+            a.trial.set_user_attr("resumed_from", a.view.resumed_from)
+            self.on_event("resumed", a.view)
+        elif config.get("resume_skipped"):
+            a.view.resume_skipped = str(config["resume_skipped"])[:2000]
+            a.trial.set_user_attr("resume_skipped", a.view.resume_skipped)
+            self.on_event("resume-skipped", a.view)
+        else:
+            return
+        a.resume_pending = False
 
     # ------------------------------------------------------------------ watching trials
     def _epoch_metrics(self, run_id: str, known: set[int]) -> dict[int, dict[str, float]]:
@@ -315,6 +348,8 @@ class SweepDriver:
     def _poll_active(self) -> None:
         for number, a in list(self.active.items()):
             code = a.proc.poll()
+            if a.resume_pending:
+                self._read_resume(a)
             prune = self._report(a) if code is None else False
             if code is None and not prune:
                 continue
@@ -381,7 +416,8 @@ def summarize(study: Any, spec: SweepSpec, store: Any = None, *, interrupted: bo
     """The sweep's results as plain data: the stable ``--format json`` shape.
 
     ``{study, storage, metric, direction, interrupted, trials: [{number, params: {lr, epochs},
-    state, value, reward_accuracy, eval_loss, reward_margin, run_id, attempt, fail_reason, ...}],
+    state, value, reward_accuracy, eval_loss, reward_margin, run_id, attempt, fail_reason,
+    resumed_from: {run_id, trial, attempt, checkpoint, step, epoch, ...} | None, resume_skipped, ...}],
     cells: [{lr, epochs, state, value, reward_accuracy, trial, attempts}], best, paper}``
     """
     trials = study.get_trials(deepcopy=False)
@@ -395,6 +431,7 @@ def summarize(study: Any, spec: SweepSpec, store: Any = None, *, interrupted: bo
             "reward_margin": ua.get("reward_margin"), "run_id": ua.get("run_id"), "attempt": ua.get("attempt"),
             "fail_reason": ua.get("fail_reason"), "fail_detail": ua.get("fail_detail"),
             "duration_s": ua.get("duration_s"), "cell": ua.get("cell"),
+            "resumed_from": ua.get("resumed_from"), "resume_skipped": ua.get("resume_skipped"),
         })
     grid = spec.cells if spec.sampler == "grid" else []
     ledger = S.cell_ledger(trials, grid, spec.max_retries)

@@ -13,12 +13,20 @@ the torchrun worker ``python -m elmctl.train.tune <run_dir>`` for several.
   permutation (seeded by the recipe seed and the epoch); the data position is the step count.
 - Schedule: linear warm-up over ceil(warmup_ratio x total steps), then cosine to 0 (HF); AdamW
   with the recipe's weight decay (0 in Table 10) and default betas.
+- Resume: ``opt["resume"]`` (picked and verified by ``elmctl tune --resume-from``, see
+  :mod:`elmctl.sweep.resume`) is an earlier attempt's checkpoint with the same identity and batch
+  plan. Weights, AdamW state, data position and RNG are restored, the source run's metrics up to that
+  step are copied into this run (its curves and per-epoch rows are whole), and training continues at
+  the next step: the steps, batches and learning rates of an uninterrupted run.
 - After every epoch: evaluation on the held-out (``test``) pairs and a checkpoint. The store gets,
   at step = global optimizer step, ``epoch`` (1-based epochs completed) together with
   ``eval_loss`` (the training loss type on the test pairs; SFT: NLL per answer token),
   ``reward_accuracy``, ``reward_margin``, ``chosen_reward``, ``rejected_reward``. Training steps log
   ``train_loss``, ``train_reward_accuracy``, ``train_reward_margin``, ``lr``, ``grad_norm``.
   The sweep driver reads the ``epoch`` rows.
+- Fault injection (tests only, set by the sweep driver, see :mod:`elmctl.sweep.driver`):
+  ``ELMCTL_INJECT_FAILURE=1`` fails at start; ``ELMCTL_INJECT_FAILURE=epoch:E`` SIGKILLs the process
+  right after epoch E's checkpoint is durable (a crash with no status written, like an OOM kill).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -368,6 +377,7 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
         optimizer = build_adamw(model, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=it.weight_decay)
         objective = make_objective(loss_type, it.beta, ref_model)
         eval_fn = _make_eval(test_pairs, pad_id, micro * 2, info, ref_test)
+        start_step = _resume(opt, runner, optimizer, batches, store, run_id, event, info)
         cfg = LoopConfig(max_steps=total, grad_accumulation=accum, grad_clip=1.0,
                          precision=it.precision if on_gpu else "fp32", log_every=max(1, min(10, spe)),
                          eval_every=spe, checkpoint_every=spe, steps_per_epoch=spe)
@@ -391,19 +401,28 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
         def on_checkpoint(step: int, final: bool) -> None:
             mstate = D.model_state(runner)
             ostate = D.optimizer_state(runner, optimizer)
+            rngs = D.gather_objects(D.rng_state())
             if info.is_main:
+                # `resume` + the batch plan are what elmctl.sweep.resume.compare checks before a resume
                 meta = {"world_size": info.world_size, "global_batch": batches.global_batch, "micro_batch": micro,
                         "grad_accumulation": accum, "recipe_id": recipe.id, "run_id": run_id, "kind": "tune",
-                        "epoch": step // spe}
+                        "epoch": step // spe, "steps_per_epoch": spe, "resume": opt.get("identity")}
+                tstate = {"step": step, "epoch": step // spe, "data": batches.state_dict(), "rng": rngs}
                 ck = save_checkpoint(run_dir, step, model_state=mstate, optimizer_state=ostate,
-                                     train_state={"step": step, "data": batches.state_dict()}, keep=2, final=final, meta=meta)
+                                     train_state=tstate, keep=2, final=final, meta=meta)
                 store.add_checkpoint(run_id, step, str(ck.path), meta={**meta, "sha256": ck.sha256, "final": final})
             if info.world_size > 1:
                 torch.distributed.barrier()
+            inject = os.environ.get("ELMCTL_INJECT_FAILURE", "")
+            if inject.startswith("epoch:") and not final and step == int(inject[6:]) * spe:
+                event(f"injected crash after epoch {step // spe} (ELMCTL_INJECT_FAILURE={inject}): SIGKILL")
+                os.kill(os.getpid(), signal.SIGKILL)
 
         event(f"{loss_type} tuning: {opt['epochs']} epochs x {spe} steps, {info.world_size} process(es) x {micro} "
-              f"x {accum} = {batches.global_batch} pairs/step, lr {opt['lr']:g}, beta {it.beta:g}, warm-up {warmup}")
+              f"x {accum} = {batches.global_batch} pairs/step, lr {opt['lr']:g}, beta {it.beta:g}, warm-up {warmup}; "
+              f"training steps {start_step + 1}..{total}")
         result = train(runner, optimizer, objective, batches, cfg, lr_at=lr_at, device=info.device, eval_fn=eval_fn,
+                       start_step=start_step,
                        hooks=Hooks(on_log=on_log if info.is_main else None, on_eval=on_eval if info.is_main else None,
                                    on_checkpoint=on_checkpoint, should_stop=should_stop))
         error = f"loss or gradient became NaN/inf by step {result.step}" if result.status == "diverged" else None
@@ -423,9 +442,50 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
             store.close()
 
 
-def _main(argv: list[str]) -> int:  # torchrun worker: python -m elmctl.train.tune <run_dir>
-    import signal
+def _resume(opt: dict, runner, optimizer, batches: PairBatches, store, run_id: str, event: Callable, info) -> int:
+    """Load ``opt["resume"]`` into the model, optimizer, data position and RNG; its step (0: none).
 
+    Called after the reference model copied the base, so the reference stays the base.
+    """
+    from elmctl.sweep.resume import describe
+    from elmctl.train.checkpoint import CheckpointInfo, load_checkpoint_files
+
+    point = opt.get("resume")
+    for note in opt.get("resume_notes") or []:
+        event(f"resume: {note}")
+    if not point:
+        if opt.get("resume_from"):
+            event("not resuming: no compatible checkpoint among the earlier attempts; starting from the base weights")
+        return 0
+    step = int(point["step"])
+    mstate, ostate, tstate = load_checkpoint_files(CheckpointInfo(step, Path(point["checkpoint"]), point["sha256"]))
+    if int(tstate["step"]) != step:
+        raise RuntimeFailure(f"checkpoint {point['checkpoint']} holds step {tstate['step']}, expected {step}")
+    D.load_model_state(runner, mstate)
+    D.load_optimizer_state(runner, optimizer, ostate)
+    batches.load_state_dict(tstate["data"])
+    rngs = tstate.get("rng")
+    if rngs:
+        D.set_rng_state(rngs[info.rank % len(rngs)])
+    if store is not None:
+        _copy_history(store, point["run_id"], run_id, step)
+    event(f"resumed from {describe(point)}: {point['checkpoint']}")
+    return step
+
+
+def _copy_history(store, src: str, dst: str, upto: int) -> None:
+    """Copy run ``src``'s metrics up to step ``upto`` (its times kept) into ``dst``: whole curves, all epochs."""
+    rows: dict[int, dict[str, float]] = {}
+    times: dict[int, float] = {}
+    for m in store.metrics(src):
+        if m.step <= upto:
+            rows.setdefault(m.step, {})[m.key] = m.value
+            times[m.step] = m.time
+    for step in sorted(rows):
+        store.log_metrics(dst, step, rows[step], time_s=times[step])
+
+
+def _main(argv: list[str]) -> int:  # torchrun worker: python -m elmctl.train.tune <run_dir>
     stop = {"flag": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     try:
