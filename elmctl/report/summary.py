@@ -255,6 +255,10 @@ def _reason(t, per_epoch: list[dict[str, Any]], run) -> str | None:
         why = ua.get("fail_reason") or "failed"
         detail = ua.get("fail_detail") or (run.error if run is not None else None)
         return f"{why}: {detail}" if detail else why
+    if ua.get("resumed_from"):
+        from elmctl.sweep.resume import describe
+
+        return "resumed from " + describe(ua["resumed_from"])
     return None
 
 
@@ -311,6 +315,7 @@ def study_report(src: ReportSource, name: str) -> dict[str, Any]:
             "reward_margin": ua.get("reward_margin", last.get("reward_margin")),
             "per_epoch": per_epoch, "reason": _reason(t, per_epoch, run), "run_id": run_id,
             "run_status": run.status if run is not None else None, "attempt": ua.get("attempt"),
+            "resumed_from": ua.get("resumed_from"),
             "duration_s": ua.get("duration_s"),
             "started": t.datetime_start.isoformat() if t.datetime_start else None,
             "ended": t.datetime_complete.isoformat() if t.datetime_complete else None,

@@ -106,6 +106,15 @@ def test_crashed_attempt_is_resumed_from_its_epoch_checkpoint_and_matches_an_uni
     assert retry.value == pytest.approx(ref.value, abs=TOL)
     assert retry.intermediate_values.keys() == {1, 2}
 
+    # and `elmctl report --study` says so in the trial's row
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'a.db'}")
+    rep = subprocess.run([sys.executable, "-m", "elmctl", "report", "--study", summary.study_name, "--format", "json",
+                          "--store", f"sqlite:///{tmp_path / 'a.db'}"], capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr
+    row = next(t for t in json.loads(rep.stdout)["trials"] if t["number"] == retry.number)
+    assert row["resumed_from"]["step"] == 4
+    assert row["reason"] == "resumed from attempt 1 (trial 0), epoch 1 (step 4)"
+
 
 @pytest.fixture
 def tune(cli, assets, tmp_path, monkeypatch):
