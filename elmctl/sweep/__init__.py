@@ -1,10 +1,14 @@
 """Learning-rate x epoch sweeps over instruction tuning (``elmctl tune-sweep``).
 
-- :mod:`elmctl.sweep.study`: the Optuna study in the store's database, grid cells, resume and retry
-  bookkeeping (pure functions over FrozenTrials plus the few calls that write the study).
+- :mod:`elmctl.sweep.cells`: grid cells, ``--lrs``/``--epochs`` parsing, and the cell ledger: retry
+  bookkeeping as pure functions over FrozenTrials.
+- :mod:`elmctl.sweep.study`: the Optuna study in the store's database, driver liveness (orphaned
+  trials), and claiming cells: the few calls that write the study.
 - :mod:`elmctl.sweep.scheduler`: device slots and trial processes (one process group per trial).
+- :mod:`elmctl.sweep.spec`: the sweep's settings (``SweepSpec``) and one trial's command line.
 - :mod:`elmctl.sweep.driver`: the loop that claims cells, starts trials on free slots, turns per-epoch
   metrics into intermediate values, prunes, and records results. Only the driver writes the study.
+- :mod:`elmctl.sweep.results`: the sweep's results as plain data (the ``--format json`` shape).
 - :mod:`elmctl.sweep.resume`: trial-level resume; a retried cell continues from its earlier attempt's
   last compatible checkpoint (the driver lists candidates, ``elmctl tune --resume-from`` picks one).
 
@@ -13,4 +17,4 @@ Nothing here imports torch at import time (resume's checkpoint checks load it on
 
 from __future__ import annotations
 
-__all__ = ["study", "scheduler", "driver", "resume"]
+__all__ = ["cells", "study", "scheduler", "spec", "driver", "results", "resume"]

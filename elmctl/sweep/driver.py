@@ -23,59 +23,28 @@ makes the first ``ELMCTL_FAIL_TRIAL_TIMES`` (default 1) attempts of that cell fa
 start (the trial sees ``ELMCTL_INJECT_FAILURE=1``). With ``ELMCTL_FAIL_TRIAL_AFTER_EPOCH=E`` those
 attempts instead die by SIGKILL right after epoch E's checkpoint is written (the trial sees
 ``ELMCTL_INJECT_FAILURE=epoch:E``), so the retry has a checkpoint to resume from. Test-only hooks.
+
+The pieces: :mod:`elmctl.sweep.spec` (the sweep's settings and a trial's command line),
+:mod:`elmctl.sweep.results` (the summary); this module is the loop and the live trial records.
 """
 
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from elmctl.sweep import cells as C
 from elmctl.sweep import resume as R
 from elmctl.sweep import study as S
+from elmctl.sweep.results import summarize
 from elmctl.sweep.scheduler import Slot, TrialProcess, stop_process_group
+from elmctl.sweep.spec import SweepSpec, trial_command
 
-__all__ = ["SweepSpec", "TrialView", "SweepDriver", "trial_command", "summarize"]
+__all__ = ["TrialView", "SweepDriver"]
 
 EVAL_KEYS = ("eval_loss", "reward_accuracy", "reward_margin")
-
-
-@dataclass(frozen=True)
-class SweepSpec:
-    """Everything a sweep needs; validated by the CLI before the driver starts."""
-
-    recipe: str  # id or absolute path, passed on to trials
-    base: str
-    data: str
-    lrs: tuple[float, ...]
-    epochs: tuple[int, ...]
-    loss: str
-    study: str
-    storage_url: str
-    store_url: str
-    metric: str = "eval_loss"
-    pruner: str = "none"
-    max_retries: int = 1
-    sampler: str = "grid"
-    n_trials: int | None = None
-    overrides: tuple[str, ...] = ()
-    precompute_ref: bool = False
-    seed: int = 42
-
-    @property
-    def direction(self) -> str:
-        return S.METRIC_DIRECTIONS[self.metric]
-
-    @property
-    def cells(self) -> list[S.Cell]:
-        return S.grid_cells(self.lrs, self.epochs)
-
-    def identity(self) -> dict[str, Any]:
-        """What must not change when the study is resumed."""
-        return {"recipe": self.recipe, "base": self.base, "data": self.data, "loss": self.loss,
-                "metric": self.metric, "sampler": self.sampler, "overrides": list(self.overrides)}
 
 
 @dataclass
@@ -83,7 +52,7 @@ class TrialView:
     """What the live view shows about one trial of this driver."""
 
     number: int
-    cell: S.Cell
+    cell: C.Cell
     slot: str
     run_id: str
     state: str = "running"  # running | complete | pruned | failed | interrupted
@@ -95,25 +64,6 @@ class TrialView:
     reason: str | None = None
     resumed_from: dict[str, Any] | None = None  # the earlier attempt's checkpoint it continues from
     resume_skipped: str | None = None  # why it started from the base although earlier attempts exist
-
-
-def trial_command(spec: SweepSpec, cell: S.Cell, slot: Slot, run_id: str, number: int,
-                  master_port: int | None = None, resume_from: tuple[str, ...] | list[str] = ()) -> list[str]:
-    """``python -m elmctl tune ...`` for one trial on one slot (torchrun on ``master_port`` when K > 1)."""
-    # the store URL travels in the environment (ELMCTL_STORE), not argv: ps shows argv to every user
-    cmd = [sys.executable, "-m", "elmctl", "tune", "--recipe", spec.recipe, "--base", spec.base,
-           "--data", spec.data, "--lr", repr(float(cell.lr)), "--epochs", str(cell.epochs), "--loss", spec.loss,
-           "--run-id", run_id, "--trial-of", spec.study, "--trial-number", str(number)]
-    for ov in spec.overrides:
-        cmd += ["--set", ov]
-    if spec.precompute_ref:
-        cmd.append("--precompute-ref")
-    cmd += ["--device", "cpu"] if slot.devices is None else ["--gpus", str(len(slot.devices))]
-    if resume_from:
-        cmd += ["--resume-from", ",".join(resume_from)]
-    if master_port is not None:  # keep last: the driver reads it back from command[-1]
-        cmd += ["--master-port", str(master_port)]
-    return cmd
 
 
 @dataclass
@@ -166,7 +116,7 @@ class SweepDriver:
         pruner = optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0) if self.spec.pruner == "median" else optuna.pruners.NopPruner()
         self.study = S.open_study(storage, self.spec.study, direction=self.spec.direction, sampler=self.sampler,
                                   pruner=pruner, identity=self.spec.identity())
-        self.dists = S.distributions(self.spec.lrs, self.spec.epochs)
+        self.dists = C.distributions(self.spec.lrs, self.spec.epochs)
         S.heartbeat(self.study, self.me)
         self._reconcile()
         return self.study
@@ -217,17 +167,17 @@ class SweepDriver:
             self._note(f"trials {orphans} of a driver that stopped its heartbeat: marked FAIL (orphaned)")
 
     # ------------------------------------------------------------------ starting trials
-    def _next_cell(self) -> tuple[S.Cell | None, int] | None:
+    def _next_cell(self) -> tuple[C.Cell | None, int] | None:
         """(cell to run, attempt number); cell None = ask the sampler (TPE); None = nothing to do."""
         trials = self.study.get_trials(deepcopy=False)
         if self.spec.sampler == "grid":
-            ledger = S.cell_ledger(trials, self.spec.cells, self.spec.max_retries)
+            ledger = C.cell_ledger(trials, self.spec.cells, self.spec.max_retries)
             for cell in self.spec.cells:
                 st = ledger[cell.key]
                 if st.state == "pending":
                     return cell, st.attempts + 1
             return None
-        ledger = S.cell_ledger(trials, [], self.spec.max_retries)
+        ledger = C.cell_ledger(trials, [], self.spec.max_retries)
         for st in ledger.values():  # retry failed TPE cells with the same params first
             if st.state == "pending" and st.attempts:
                 return st.cell, st.attempts + 1
@@ -253,7 +203,7 @@ class SweepDriver:
             started += 1
         return started
 
-    def _start(self, trial: Any, cell: S.Cell, slot: Slot, attempt: int) -> None:
+    def _start(self, trial: Any, cell: C.Cell, slot: Slot, attempt: int) -> None:
         from elmctl.errors import UsageError
 
         cfg = {"lr": cell.lr, "epochs": cell.epochs, "loss": self.spec.loss, "base": self.spec.base,
@@ -269,10 +219,10 @@ class SweepDriver:
         fail = os.environ.get("ELMCTL_FAIL_TRIAL_CELL")
         if fail and attempt <= int(os.environ.get("ELMCTL_FAIL_TRIAL_TIMES", "1")):
             lr, ep = fail.split(",")
-            if S.Cell(float(lr), int(ep)) == cell:
+            if C.Cell(float(lr), int(ep)) == cell:
                 after = os.environ.get("ELMCTL_FAIL_TRIAL_AFTER_EPOCH")
                 env["ELMCTL_INJECT_FAILURE"] = f"epoch:{int(after)}" if after else "1"
-        candidates = R.resume_candidates(self.study.get_trials(deepcopy=False), cell, self._checkpoint_step, S.cell_of)
+        candidates = R.resume_candidates(self.study.get_trials(deepcopy=False), cell, self._checkpoint_step, C.cell_of)
         port = None
         if slot.devices is not None and len(slot.devices) > 1:
             from elmctl.launch.torchrun import free_port
@@ -409,56 +359,3 @@ def _path(p: str):
     from pathlib import Path
 
     return Path(p)
-
-
-def summarize(study: Any, spec: SweepSpec, store: Any = None, *, interrupted: bool = False,
-              paper: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The sweep's results as plain data: the stable ``--format json`` shape.
-
-    ``{study, storage, metric, direction, interrupted, trials: [{number, params: {lr, epochs},
-    state, value, reward_accuracy, eval_loss, reward_margin, run_id, attempt, fail_reason,
-    resumed_from: {run_id, trial, attempt, checkpoint, step, epoch, ...} | None, resume_skipped, ...}],
-    cells: [{lr, epochs, state, value, reward_accuracy, trial, attempts}], best, paper}``
-    """
-    trials = study.get_trials(deepcopy=False)
-    rows = []
-    for t in trials:
-        ua = t.user_attrs
-        rows.append({
-            "number": t.number, "params": {"lr": t.params.get("lr"), "epochs": t.params.get("epochs")},
-            "state": t.state.name, "value": t.value if t.values else None,
-            "reward_accuracy": ua.get("reward_accuracy"), "eval_loss": ua.get("eval_loss"),
-            "reward_margin": ua.get("reward_margin"), "run_id": ua.get("run_id"), "attempt": ua.get("attempt"),
-            "fail_reason": ua.get("fail_reason"), "fail_detail": ua.get("fail_detail"),
-            "duration_s": ua.get("duration_s"), "cell": ua.get("cell"),
-            "resumed_from": ua.get("resumed_from"), "resume_skipped": ua.get("resume_skipped"),
-        })
-    grid = spec.cells if spec.sampler == "grid" else []
-    ledger = S.cell_ledger(trials, grid, spec.max_retries)
-    by_number = {r["number"]: r for r in rows}
-    cells = []
-    for st in ledger.values():
-        final = by_number.get(st.final_trial) if st.final_trial is not None else None
-        cells.append({"lr": st.cell.lr, "epochs": st.cell.epochs, "state": st.state, "trial": st.final_trial,
-                      "attempts": st.attempts,
-                      "value": final["value"] if final and st.state in ("complete", "pruned") else None,
-                      "reward_accuracy": final["reward_accuracy"] if final and st.state in ("complete", "pruned") else None})
-    best = None
-    complete = [r for r in rows if r["state"] == "COMPLETE" and r["value"] is not None]
-    if complete:
-        pick = min if spec.direction == "minimize" else max
-        b = pick(complete, key=lambda r: r["value"])
-        best = {"number": b["number"], "params": b["params"], "value": b["value"],
-                "reward_accuracy": b["reward_accuracy"], "run_id": b["run_id"]}
-    return {"study": spec.study, "storage": _display(spec.storage_url), "metric": spec.metric,
-            "direction": spec.direction, "interrupted": interrupted, "trials": rows, "cells": cells,
-            "best": best, "paper": paper}
-
-
-def _display(url: str) -> str:
-    try:
-        from elmctl.store import display_url
-
-        return display_url(url)
-    except Exception:  # pragma: no cover
-        return url

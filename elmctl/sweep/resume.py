@@ -74,7 +74,7 @@ def resume_candidates(trials: Iterable[Any], cell: Any, checkpoint_step: Callabl
         trials: the study's FrozenTrials.
         cell: the cell about to be retried.
         checkpoint_step: run id -> the highest checkpoint step the store recorded, or None.
-        cell_of: FrozenTrial -> its cell (``elmctl.sweep.study.cell_of``).
+        cell_of: FrozenTrial -> its cell (``elmctl.sweep.cells.cell_of``).
 
     Ordered by checkpoint step (most training kept), then newest trial: every attempt of a cell
     follows the same trajectory, so the furthest one is the best start.

@@ -5,12 +5,14 @@ A tune run is a run folder like a pre-training run (``recipe.json``, ``options.j
 the torchrun worker ``python -m elmctl.train.tune <run_dir>`` for several.
 
 - Policy: an OpenELM built from the recipe, loaded from the base (a checkpoint folder or an Apple
-  HF folder; see :func:`resolve_base`). Reference: a frozen copy of the base (TRL's default), or,
-  with ``precompute_ref``, its log-probs computed once up front and the copy dropped.
+  HF folder; see :func:`~elmctl.train.tune_inputs.resolve_base`). Reference: a frozen copy of the
+  base (TRL's default), or, with ``precompute_ref``, its log-probs computed once up front and the
+  copy dropped.
 - Batch: the recipe's effective batch (per_device_batch x grad_accumulation x num_gpus, e.g.
-  8 x 2 x 8 = 128 pairs) is kept on any number of processes; :func:`plan_batch` recomputes the
-  accumulation. An epoch is floor(train pairs / effective batch) optimizer steps over a fresh
-  permutation (seeded by the recipe seed and the epoch); the data position is the step count.
+  8 x 2 x 8 = 128 pairs) is kept on any number of processes;
+  :func:`~elmctl.train.tune_batches.plan_batch` recomputes the accumulation. An epoch is
+  floor(train pairs / effective batch) optimizer steps over a fresh permutation (seeded by the
+  recipe seed and the epoch); the data position is the step count.
 - Schedule: linear warm-up over ceil(warmup_ratio x total steps), then cosine to 0 (HF); AdamW
   with the recipe's weight decay (0 in Table 10) and default betas.
 - Resume: ``opt["resume"]`` (picked and verified by ``elmctl tune --resume-from``, see
@@ -27,11 +29,15 @@ the torchrun worker ``python -m elmctl.train.tune <run_dir>`` for several.
 - Fault injection (tests only, set by the sweep driver, see :mod:`elmctl.sweep.driver`):
   ``ELMCTL_INJECT_FAILURE=1`` fails at start; ``ELMCTL_INJECT_FAILURE=epoch:E`` SIGKILLs the process
   right after epoch E's checkpoint is durable (a crash with no status written, like an OOM kill).
+
+The pieces: :mod:`elmctl.train.tune_inputs` (base weights and preference data, resolved and
+checked), :mod:`elmctl.train.tune_batches` (batch plan, pair batches, collation),
+:mod:`elmctl.train.tune_resume` (restoring a resume point); this module holds the objective, the
+evaluation and the run itself.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -39,214 +45,22 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 import torch
 
-from elmctl.errors import RuntimeFailure, UsageError
+from elmctl.errors import RuntimeFailure
 from elmctl.train import dist as D
 from elmctl.train.dpo import dpo_losses, sequence_logps, sft_loss, split_pair_logps
 from elmctl.train.loop import to_device
+from elmctl.train.tune_batches import PairBatches, collate
+from elmctl.train.tune_inputs import load_base_weights
+from elmctl.train.tune_resume import load_resume_point
 
-__all__ = ["plan_batch", "PairBatches", "make_objective", "run_tune", "TuneResult", "resolve_base",
-           "check_base", "load_base_weights", "check_preference_data"]
+__all__ = ["make_objective", "run_tune", "TuneResult"]
 
 EVAL_KEYS = ("eval_loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
-
-
-@dataclass(frozen=True)
-class Base:
-    """Where the starting weights come from: ``kind`` "checkpoint" (elmctl) or "hf" (Apple layout)."""
-
-    kind: str
-    path: str
-    label: str
-
-
-def resolve_base(spec: str, store=None) -> Base:
-    """``--base``: a pretrain run id/name (its newest verified checkpoint), a run folder, a
-    checkpoint folder (``ckpt-N``), or an Apple HF folder (config.json + safetensors).
-
-    Raises:
-        UsageError: nothing usable at ``spec``.
-    """
-    from elmctl.train.checkpoint import find_resumable
-
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        if (p / "config.json").is_file():
-            return Base("hf", str(p.resolve()), str(p))
-        if (p / "manifest.json").is_file() and (p / "model.safetensors").is_file():
-            return Base("checkpoint", str(p.resolve()), str(p))
-        if (p / "checkpoints").is_dir():
-            info, _ = find_resumable(p)
-            if info is not None:
-                return Base("checkpoint", str(info.path.resolve()), f"{p} ({info.path.name})")
-        raise UsageError(f"--base {spec}: the folder holds no OpenELM weights",
-                         "give a pretrain run id, a checkpoint folder (ckpt-N), or an HF folder with config.json")
-    if store is None:
-        from elmctl.store import Store
-
-        store = Store()
-    run = store.get_run(spec)  # UsageError with "did you mean" when unknown
-    info, _ = find_resumable(run.run_dir)
-    if info is None:
-        raise UsageError(f"--base {spec}: run {run.label} has no checkpoint yet",
-                         f"wait for its first checkpoint, or check it with: elmctl runs show {run.label}")
-    return Base("checkpoint", str(info.path.resolve()), f"run {run.label} ({info.path.name})")
-
-
-def _arch(cfg) -> tuple:
-    from elmctl.config.derived import layer_shapes
-
-    shapes = tuple((s.query_heads, s.kv_heads, s.ffn_dim) for s in layer_shapes(cfg))
-    return (cfg.num_layers, cfg.model_dim, cfg.head_dim, cfg.num_gqa_groups, cfg.vocab_size,
-            cfg.normalize_qk_projections, cfg.share_input_output_layers, cfg.rope_freq_constant, shapes)
-
-
-def check_base(base: Base, recipe) -> None:
-    """The base's architecture must be the recipe's. Raises UsageError naming the differences."""
-    from elmctl.model import OpenELM
-
-    hint = "pick the recipe the base was trained with (elmctl runs show <run>), or another --base"
-    if base.kind == "hf":
-        from elmctl.model.hf import model_config_from_hf
-
-        cfg = model_config_from_hf(json.loads((Path(base.path) / "config.json").read_text()), base.path)
-        if _arch(cfg) != _arch(recipe.model):
-            diff = [f"{n}: base {a} vs recipe {b}" for n, a, b in zip(
-                ("num_layers", "model_dim", "head_dim", "num_gqa_groups", "vocab_size", "normalize_qk_projections",
-                 "share_input_output_layers", "rope_freq_constant", "layer shapes"), _arch(cfg), _arch(recipe.model)) if a != b]
-            raise UsageError(f"--base {base.label} does not match recipe {recipe.id}: " + "; ".join(diff[:4]), hint)
-        return
-    from safetensors import safe_open
-
-    with safe_open(str(Path(base.path) / "model.safetensors"), "pt") as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
-    stored.update({a: stored[t] for a, t in aliases.items() if t in stored})
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in OpenELM(recipe.model).state_dict().items()}
-    diff = [f"{k}: base {stored.get(k)} vs recipe {v}" for k, v in expected.items() if stored.get(k) != v]
-    diff += [f"{k}: not in recipe {recipe.id}" for k in stored if k not in expected]
-    if diff:
-        raise UsageError(f"--base {base.label} does not match recipe {recipe.id} "
-                         f"({len(diff)} tensors differ, e.g. {'; '.join(diff[:3])})", hint)
-
-
-def load_base_weights(model: torch.nn.Module, kind: str, path: str) -> None:
-    """Copy the base's weights into ``model`` (built from the recipe)."""
-    if kind == "hf":
-        from elmctl.model.hf import load_pretrained
-
-        src = load_pretrained(path).state_dict()
-        own = model.state_dict()
-        with torch.no_grad():
-            for k, v in own.items():
-                w = src[k]
-                if w.shape == v.shape:
-                    v.copy_(w)
-                else:  # embedding rows: HF keeps vocab_size rows, training uses padded_vocab_size
-                    n = min(w.shape[0], v.shape[0])
-                    v.zero_()
-                    v[:n].copy_(w[:n])
-        return
-    from elmctl.train.checkpoint import load_checkpoint_files, verify_checkpoint
-
-    state, _, _ = load_checkpoint_files(verify_checkpoint(path))
-    model.load_state_dict(state)
-
-
-def check_preference_data(path: str, recipe) -> Path:
-    """``--data`` -> the prepared preference folder; no held-out pairs or a foreign vocab -> UsageError."""
-    from elmctl.data import resolve_data_dir
-
-    folder = resolve_data_dir(path, "preference")
-    m = json.loads((folder / "manifest.json").read_text())
-    splits = m.get("splits", {})
-    if not splits.get("test", {}).get("pairs"):
-        raise UsageError(f"{folder}: no held-out (test) pairs; tuning evaluates on them every epoch",
-                         "prepare the data with a test split (records with split: test, or --test-fraction > 0)")
-    if not splits.get("train", {}).get("pairs"):
-        raise UsageError(f"{folder}: no training pairs")
-    if int(m.get("vocab_size", 0)) > recipe.model.vocab_size:
-        raise UsageError(f"{folder} was tokenised with a {m.get('vocab_size')}-token vocabulary; recipe "
-                         f"{recipe.id} has {recipe.model.vocab_size}", "prepare the data with the recipe's tokenizer")
-    return folder
-
-
-def plan_batch(instruct, world_size: int) -> tuple[int, int]:
-    """(micro-batch, grad accumulation) per process keeping the recipe's effective batch.
-
-    Raises:
-        UsageError: the effective batch cannot be split evenly over ``world_size`` processes.
-    """
-    global_batch = instruct.effective_batch
-    if global_batch % world_size:
-        raise UsageError(
-            f"the recipe's effective batch {global_batch} (per_device_batch {instruct.per_device_batch} x "
-            f"grad_accumulation {instruct.grad_accumulation} x num_gpus {instruct.num_gpus}) does not split over "
-            f"{world_size} processes", "use a process count that divides it")
-    per_rank = global_batch // world_size
-    micro = min(instruct.per_device_batch, per_rank)
-    while per_rank % micro:
-        micro -= 1
-    return micro, per_rank // micro
-
-
-class PairBatches:
-    """This rank's micro-batches of preference pairs (the loop's BatchSource).
-
-    Step s of epoch e uses pairs perm_e[s*G:(s+1)*G] (G the global batch); rank r takes its
-    contiguous share, micro-batch by micro-batch. ``ref`` (optional) holds precomputed reference
-    log-probs per pair index: float tensors ``chosen``/``rejected``.
-    """
-
-    def __init__(self, pairs, *, micro_batch: int, grad_accumulation: int, pad_id: int, seed: int,
-                 rank: int = 0, world_size: int = 1, sft: bool = False, ref: dict | None = None):
-        self.pairs, self.micro, self.accum, self.pad_id, self.seed = pairs, micro_batch, grad_accumulation, pad_id, seed
-        self.rank, self.world, self.sft, self.ref = rank, world_size, sft, ref
-        self.global_batch = micro_batch * grad_accumulation * world_size
-        self.steps_per_epoch = len(pairs) // self.global_batch
-        if self.steps_per_epoch < 1:
-            raise UsageError(f"{len(pairs)} training pairs are fewer than one effective batch of {self.global_batch}",
-                             "prepare more pairs, or lower instruct.per_device_batch/grad_accumulation with --set")
-        self.step = 0  # optimizer steps handed out
-        self.k = 0  # micro-batches of the current step handed out
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs))
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        epoch, s = divmod(self.step, self.steps_per_epoch)
-        perm = self._perm(epoch)
-        first = s * self.global_batch + self.rank * self.micro * self.accum + self.k * self.micro
-        idx = perm[first : first + self.micro]
-        self.k += 1
-        if self.k == self.accum:
-            self.step, self.k = self.step + 1, 0
-        return collate(self.pairs, idx, self.pad_id, sft=self.sft, ref=self.ref)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "k": self.k}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step, self.k = int(state["step"]), int(state["k"])
-
-
-def collate(pairs, idx, pad_id: int, *, sft: bool = False, ref: dict | None = None, eval_mode: bool = False) -> dict:
-    """Pairs ``idx`` -> a batch (collate_pairs rows, or collate_sft rows when training SFT)."""
-    from elmctl.data.preference import collate_pairs, collate_sft
-
-    chosen = [pairs[int(i)] for i in idx]
-    batch = collate_sft(chosen, pad_id) if (sft and not eval_mode) else collate_pairs(chosen, pad_id)
-    if ref is not None and not (sft and not eval_mode):
-        t = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-        batch["ref_chosen"], batch["ref_rejected"] = ref["chosen"][t], ref["rejected"][t]
-    if eval_mode:
-        batch["_eval"] = True
-    return batch
 
 
 def _ref_logps(ref_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -377,7 +191,7 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
         optimizer = build_adamw(model, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=it.weight_decay)
         objective = make_objective(loss_type, it.beta, ref_model)
         eval_fn = _make_eval(test_pairs, pad_id, micro * 2, info, ref_test)
-        start_step = _resume(opt, runner, optimizer, batches, store, run_id, event, info)
+        start_step = load_resume_point(opt, runner, optimizer, batches, store, run_id, event, info)
         cfg = LoopConfig(max_steps=total, grad_accumulation=accum, grad_clip=1.0,
                          precision=it.precision if on_gpu else "fp32", log_every=max(1, min(10, spe)),
                          eval_every=spe, checkpoint_every=spe, steps_per_epoch=spe)
@@ -440,49 +254,6 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
         event.close()
         if store is not None:
             store.close()
-
-
-def _resume(opt: dict, runner, optimizer, batches: PairBatches, store, run_id: str, event: Callable, info) -> int:
-    """Load ``opt["resume"]`` into the model, optimizer, data position and RNG; its step (0: none).
-
-    Called after the reference model copied the base, so the reference stays the base.
-    """
-    from elmctl.sweep.resume import describe
-    from elmctl.train.checkpoint import CheckpointInfo, load_checkpoint_files
-
-    point = opt.get("resume")
-    for note in opt.get("resume_notes") or []:
-        event(f"resume: {note}")
-    if not point:
-        if opt.get("resume_from"):
-            event("not resuming: no compatible checkpoint among the earlier attempts; starting from the base weights")
-        return 0
-    step = int(point["step"])
-    mstate, ostate, tstate = load_checkpoint_files(CheckpointInfo(step, Path(point["checkpoint"]), point["sha256"]))
-    if int(tstate["step"]) != step:
-        raise RuntimeFailure(f"checkpoint {point['checkpoint']} holds step {tstate['step']}, expected {step}")
-    D.load_model_state(runner, mstate)
-    D.load_optimizer_state(runner, optimizer, ostate)
-    batches.load_state_dict(tstate["data"])
-    rngs = tstate.get("rng")
-    if rngs:
-        D.set_rng_state(rngs[info.rank % len(rngs)])
-    if store is not None:
-        _copy_history(store, point["run_id"], run_id, step)
-    event(f"resumed from {describe(point)}: {point['checkpoint']}")
-    return step
-
-
-def _copy_history(store, src: str, dst: str, upto: int) -> None:
-    """Copy run ``src``'s metrics up to step ``upto`` (its times kept) into ``dst``: whole curves, all epochs."""
-    rows: dict[int, dict[str, float]] = {}
-    times: dict[int, float] = {}
-    for m in store.metrics(src):
-        if m.step <= upto:
-            rows.setdefault(m.step, {})[m.key] = m.value
-            times[m.step] = m.time
-    for step in sorted(rows):
-        store.log_metrics(dst, step, rows[step], time_s=times[step])
 
 
 def _main(argv: list[str]) -> int:  # torchrun worker: python -m elmctl.train.tune <run_dir>

@@ -130,7 +130,7 @@ def _step_fn(runner, opt, objective, accum):
 @pytest.mark.parametrize("loss", ["sigmoid", "hinge", "sft"])
 def test_gradient_accumulation_equivalence(loss):
     """micro-batch 4 x accumulation 1 == micro-batch 2 x accumulation 2 == 1 x 4 (same pairs, same order)."""
-    from elmctl.train.tune import PairBatches
+    from elmctl.train.tune_batches import PairBatches
 
     pairs = _pairs(8)
     finals = []
@@ -152,7 +152,7 @@ def test_gradient_accumulation_equivalence(loss):
 
 
 def test_training_changes_every_parameter_and_not_the_reference():
-    from elmctl.train.tune import PairBatches
+    from elmctl.train.tune_batches import PairBatches
 
     model, ref, runner, opt, objective = _setup("sigmoid")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -172,7 +172,7 @@ def test_training_changes_every_parameter_and_not_the_reference():
 def test_plan_batch_keeps_effective_batch():
     from elmctl.config import load_recipe
     from elmctl.errors import UsageError
-    from elmctl.train.tune import plan_batch
+    from elmctl.train.tune_batches import plan_batch
 
     it = load_recipe("270m").instruct  # 8 x 2 x 8 = 128
     assert it.effective_batch == 128

@@ -5,9 +5,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from elmctl.sweep import resume as R
-from elmctl.sweep.driver import SweepSpec, trial_command
+from elmctl.sweep.cells import Cell, cell_of
 from elmctl.sweep.scheduler import Slot
-from elmctl.sweep.study import Cell, cell_of
+from elmctl.sweep.spec import SweepSpec, trial_command
 
 
 def _t(number, state, lr=1e-3, epochs=2, **attrs):

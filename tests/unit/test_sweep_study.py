@@ -11,9 +11,11 @@ import optuna
 import pytest
 
 from elmctl.errors import UsageError
+from elmctl.sweep import cells as C
 from elmctl.sweep import study as S
-from elmctl.sweep.driver import SweepSpec, summarize, trial_command
+from elmctl.sweep.results import summarize
 from elmctl.sweep.scheduler import Slot, TrialProcess, plan_slots
+from elmctl.sweep.spec import SweepSpec, trial_command
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -24,19 +26,19 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 @pytest.mark.parametrize("text", ["1e-3,abc", "0,1e-3", "-1e-4", "1e-3,1e-3", "1e-3,,2e-3", "inf", "1.5"])
 def test_bad_learning_rates(text):
     with pytest.raises(UsageError):
-        S.parse_lrs(text)
+        C.parse_lrs(text)
 
 
 @pytest.mark.parametrize("text", ["0", "1,1", "2.5", "x", "-3"])
 def test_bad_epochs(text):
     with pytest.raises(UsageError):
-        S.parse_epochs(text)
+        C.parse_epochs(text)
 
 
 def test_grid_parsing_and_cells():
-    assert S.parse_lrs("2e-5, 3e-5") == (2e-5, 3e-5)
-    assert S.parse_epochs("3,5.0") == (3, 5)
-    cells = S.grid_cells((1e-3, 1e-4), (1, 2))
+    assert C.parse_lrs("2e-5, 3e-5") == (2e-5, 3e-5)
+    assert C.parse_epochs("3,5.0") == (3, 5)
+    cells = C.grid_cells((1e-3, 1e-4), (1, 2))
     assert [c.params for c in cells] == [{"lr": 1e-3, "epochs": 1}, {"lr": 1e-3, "epochs": 2},
                                          {"lr": 1e-4, "epochs": 1}, {"lr": 1e-4, "epochs": 2}]
     assert len({c.key for c in cells}) == 4
@@ -53,7 +55,7 @@ def _study(name="s"):
 
 
 def _trial(study, sampler, cell, state, reason=None, driver=None):
-    claimed = S.claim_cell(study, sampler, S.distributions((1e-4, 1e-3), (1, 2)),
+    claimed = S.claim_cell(study, sampler, C.distributions((1e-4, 1e-3), (1, 2)),
                            driver or S.DriverInfo("h", 1, "x"), cell)
     assert claimed is not None
     trial, _ = claimed
@@ -70,31 +72,31 @@ def _trial(study, sampler, cell, state, reason=None, driver=None):
 
 def test_ledger_rules():
     study, sampler = _study()
-    a, b, c, d = S.grid_cells((1e-4, 1e-3), (1, 2))
+    a, b, c, d = C.grid_cells((1e-4, 1e-3), (1, 2))
     _trial(study, sampler, a, "COMPLETE")
     _trial(study, sampler, b, "FAIL", "error")
     _trial(study, sampler, b, "FAIL", "error")  # 2 counted failures > max_retries 1 -> failed
     _trial(study, sampler, c, "FAIL", "interrupted")  # not counted
     _trial(study, sampler, c, "FAIL", "orphaned")  # not counted
     _trial(study, sampler, d, "RUNNING")
-    ledger = S.cell_ledger(study.get_trials(), [a, b, c, d], max_retries=1)
+    ledger = C.cell_ledger(study.get_trials(), [a, b, c, d], max_retries=1)
     assert ledger[a.key].state == "complete"
     assert ledger[b.key].state == "failed" and ledger[b.key].counted_failures == 2
     assert ledger[c.key].state == "pending" and ledger[c.key].counted_failures == 0 and ledger[c.key].attempts == 2
     assert ledger[d.key].state == "running"
-    assert S.cell_ledger(study.get_trials(), [b], max_retries=2)[b.key].state == "pending"
+    assert C.cell_ledger(study.get_trials(), [b], max_retries=2)[b.key].state == "pending"
 
 
 def test_claim_conflict_never_runs_a_cell_twice():
     study, sampler = _study()
-    cell = S.Cell(1e-3, 1)
+    cell = C.Cell(1e-3, 1)
     other = S.DriverInfo("other-host", 7, None)
     _trial(study, sampler, cell, "RUNNING", driver=other)  # another machine holds the cell
     me = S.DriverInfo("h", 1, "x")
-    assert S.claim_cell(study, sampler, S.distributions((1e-3,), (1,)), me, cell) is None
+    assert S.claim_cell(study, sampler, C.distributions((1e-3,), (1,)), me, cell) is None
     lost = study.get_trials()[-1]
     assert lost.state.name == "FAIL" and lost.user_attrs["fail_reason"] == "claim-conflict"
-    ledger = S.cell_ledger(study.get_trials(), [cell], max_retries=0)
+    ledger = C.cell_ledger(study.get_trials(), [cell], max_retries=0)
     assert ledger[cell.key].state == "running" and ledger[cell.key].attempts == 1  # the lost claim is no attempt
 
 
@@ -104,7 +106,7 @@ def test_fail_orphans_same_host_dead_pid_and_remote_stale_heartbeat():
     dead_local = S.DriverInfo("h", 200, "t")
     live_local = S.DriverInfo("h", 300, "t")
     remote = S.DriverInfo("far", 400, None)
-    cells = S.grid_cells((1e-4, 1e-3), (1, 2))
+    cells = C.grid_cells((1e-4, 1e-3), (1, 2))
     for cell, drv in zip(cells, [dead_local, live_local, remote, me]):
         _trial(study, sampler, cell, "RUNNING", driver=drv)
     study.set_user_attr(f"driver:{remote.id}", {"heartbeat": 1000.0})
@@ -195,18 +197,18 @@ def _spec(**kw):
 
 
 def test_trial_command():
-    cmd = trial_command(_spec(overrides=("instruct.beta=0.2",)), S.Cell(1e-3, 2), Slot(0, (4, 5)), "abcd1234", 7, 29500)
+    cmd = trial_command(_spec(overrides=("instruct.beta=0.2",)), C.Cell(1e-3, 2), Slot(0, (4, 5)), "abcd1234", 7, 29500)
     assert cmd[1:4] == ["-m", "elmctl", "tune"]
     joined = " ".join(cmd)
     assert "--lr 0.001 --epochs 2" in joined and "--run-id abcd1234" in joined and "--gpus 2" in joined
     assert "--trial-of s --trial-number 7" in joined and "--set instruct.beta=0.2" in joined
     assert cmd[-2:] == ["--master-port", "29500"] and "sqlite" not in joined  # the store URL goes by env
-    assert "--device cpu" in " ".join(trial_command(_spec(), S.Cell(1e-3, 2), Slot(0, None), "r", 0))
+    assert "--device cpu" in " ".join(trial_command(_spec(), C.Cell(1e-3, 2), Slot(0, None), "r", 0))
 
 
 def test_summarize_shape():
     study, sampler = _study()
-    a, b, c, d = S.grid_cells((1e-3, 1e-4), (1, 2))
+    a, b, c, d = C.grid_cells((1e-3, 1e-4), (1, 2))
     t = _trial(study, sampler, a, "RUNNING")
     t.set_user_attr("reward_accuracy", 0.9)
     study.tell(t, 0.3)

@@ -1,0 +1,160 @@
+"""`elmctl tune-sweep`: validate the flags, then run the sweep driver with a live view.
+
+Registered by :mod:`elmctl.cli.tune`; the driver is :class:`elmctl.sweep.driver.SweepDriver`, the
+live view and the summary table are in :mod:`elmctl.cli._sweep_view`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from elmctl.cli._common import Format, FormatOpt, SetOpt, StoreOpt, console, emit_json
+from elmctl.cli._sweep_view import LiveView, print_summary
+from elmctl.cli._tune_opts import BaseOpt, DataOpt, DeviceOpt, LossOpt, PrecomputeOpt, RecipeOpt, check_loss, select_devices
+from elmctl.errors import RuntimeFailure, UsageError
+
+
+def _recipe_spec(spec: str) -> str:
+    """What trials are given: ids stay ids, files become absolute paths (trials may run elsewhere)."""
+    p = Path(spec).expanduser()
+    return str(p.resolve()) if p.suffix in (".yaml", ".yml") and p.is_file() else spec
+
+
+def _default_study(identity: dict[str, Any], recipe_id: str) -> str:
+    """The same command gets the same study name, so rerunning it resumes the sweep."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    return f"tune-{recipe_id}-{digest}"
+
+
+def sweep_cmd(
+    recipe: RecipeOpt,
+    base: BaseOpt,
+    data: DataOpt,
+    lrs: Annotated[Optional[str], typer.Option("--lrs", help="Learning rates, comma-separated (default: the recipe's lr_grid).")] = None,
+    epochs: Annotated[Optional[str], typer.Option("--epochs", help="Epoch counts, comma-separated (default: the recipe's epoch_grid).")] = None,
+    gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPUs to use: a count, 'all' (default) or indices.")] = None,
+    gpus_per_trial: Annotated[int, typer.Option("--gpus-per-trial", help="GPUs per trial (torchrun when > 1).")] = 1,
+    device: DeviceOpt = None,
+    parallel: Annotated[int, typer.Option("--parallel", help="With --device cpu: trials at a time (cores are shared).")] = 1,
+    study: Annotated[Optional[str], typer.Option("--study", help="Study name (default: derived from recipe, base, data, loss and metric, so the same command resumes).")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default: the store's database). Several machines: the same postgresql:// URL and --study on each.")] = None,
+    metric: Annotated[str, typer.Option("--metric", help="eval_loss (minimised) or reward_accuracy (maximised), at the last epoch.")] = "eval_loss",
+    pruner: Annotated[str, typer.Option("--pruner", help="none, or median: stop a trial whose epoch-k value is worse than the median of finished trials at epoch k (after 2 finished).")] = "none",
+    max_retries: Annotated[int, typer.Option("--max-retries", help="Reruns of a cell whose trial failed.")] = 1,
+    sampler: Annotated[str, typer.Option("--sampler", help="grid (every lr x epochs cell once) or tpe (--n-trials over the same ranges).")] = "grid",
+    n_trials: Annotated[Optional[int], typer.Option("--n-trials", help="With --sampler tpe: total trials in the study (not per invocation).")] = None,
+    loss: LossOpt = None,
+    store: StoreOpt = None,
+    set_: SetOpt = None,
+    precompute_ref: PrecomputeOpt = False,
+    fmt: FormatOpt = Format.table,
+) -> None:
+    """Search learning rate x epochs for instruction tuning: one `tune` run per cell, in parallel.
+
+    Each trial is its own process on its own slot: K GPUs (CUDA_VISIBLE_DEVICES, own port,
+    torchrun when K > 1) or, with --device cpu, one of --parallel CPU slots. A slot is refilled as
+    soon as its trial ends. The study lives in the store's database (Optuna tables beside elmctl's;
+    optuna.load_study(storage=URL) and optuna-dashboard read it); only this driver writes it.
+    Per-epoch metrics become intermediate values; --pruner median stops bad trials.
+
+    Resume: rerun the same command. Finished cells are kept; trials left running by a killed driver
+    are marked FAIL and their cells retried (up to --max-retries for trials that themselves failed;
+    interrupted or orphaned trials do not count); no cell completes twice. Ctrl-C stops the running
+    trials and leaves the study consistent. A retried cell continues from its earlier attempt's last
+    checkpoint (per epoch, or where it was stopped) when the lr, epochs, seed, data, base and batch
+    plan match, else it starts from the base and its log says why; the live view and the summary
+    show "resumed from attempt N, epoch E".
+
+    Several machines: run the same command with --storage postgresql://user@db/elmctl --study NAME
+    on each, each on its own GPUs. A driver claims a cell by creating its trial RUNNING and checking
+    that no other running or finished trial holds it, so machines never run a cell twice.
+
+    Example: elmctl tune-sweep --recipe tiny --base my-pretrain --data demo/ --device cpu --parallel 2
+    """
+    from elmctl.config import load_recipe
+    from elmctl.store import Store
+    from elmctl.sweep import cells as C
+    from elmctl.sweep import study as S
+    from elmctl.sweep.driver import SweepDriver
+    from elmctl.sweep.scheduler import plan_slots
+    from elmctl.sweep.spec import METRIC_DIRECTIONS, SweepSpec
+    from elmctl.train.tune_batches import plan_batch
+    from elmctl.train.tune_inputs import check_base, check_preference_data, resolve_base
+
+    # every check happens here, before the study or any process exists
+    rec = load_recipe(recipe, set_ or None)
+    lr_grid = C.parse_lrs(lrs) if lrs is not None else tuple(float(x) for x in rec.instruct.lr_grid)
+    ep_grid = C.parse_epochs(epochs) if epochs is not None else tuple(int(x) for x in rec.instruct.epoch_grid)
+    loss = check_loss(loss, rec)
+    if metric not in METRIC_DIRECTIONS or metric == "reward_margin":
+        raise UsageError(f"--metric {metric!r}: expected eval_loss or reward_accuracy")
+    if pruner not in ("none", "median"):
+        raise UsageError(f"--pruner {pruner!r}: expected none or median")
+    if sampler not in ("grid", "tpe"):
+        raise UsageError(f"--sampler {sampler!r}: expected grid or tpe")
+    if sampler == "tpe" and (n_trials is None or n_trials < 1):
+        raise UsageError("--sampler tpe needs --n-trials N (N >= 1)", "e.g. --sampler tpe --n-trials 12")
+    if sampler == "grid" and n_trials is not None:
+        raise UsageError("--n-trials is for --sampler tpe; the grid runs every cell once")
+    if max_retries < 0:
+        raise UsageError(f"--max-retries {max_retries}: must be >= 0")
+    if device != "cpu" and parallel != 1:
+        raise UsageError("--parallel is for --device cpu; on GPUs the slots follow from --gpus / --gpus-per-trial")
+    st = Store(store)
+    storage_url = storage or st.url
+    S.open_storage(storage_url)  # unreachable -> UsageError now, not after trials started
+    data_dir = check_preference_data(data, rec)
+    b = resolve_base(base, st)
+    check_base(b, rec)
+    if device == "cpu":
+        slots = plan_slots(device="cpu", parallel=parallel)
+    else:
+        slots = plan_slots(device="cuda", gpus=select_devices(gpus or "all", device), gpus_per_trial=gpus_per_trial)
+    plan_batch(rec.instruct, 1 if device == "cpu" else gpus_per_trial)
+    # trials get the resolved folder: every cell starts from the same weights even if the base run
+    # writes newer checkpoints meanwhile
+    spec = SweepSpec(recipe=_recipe_spec(recipe), base=b.path,
+                     data=str(data_dir), lrs=lr_grid, epochs=ep_grid, loss=loss, study="", storage_url=storage_url,
+                     store_url=st.url, metric=metric, pruner=pruner, max_retries=max_retries, sampler=sampler,
+                     n_trials=n_trials, overrides=tuple(set_ or ()), precompute_ref=precompute_ref, seed=rec.instruct.seed)
+    from dataclasses import replace
+
+    spec = replace(spec, study=study or _default_study(spec.identity(), rec.id))
+    err = console(stderr=True)
+    view = LiveView(err, spec, slots, enabled=fmt != Format.json)
+    driver = SweepDriver(spec, slots, st, on_event=view.event)
+    driver.open()
+    view.start(driver)
+
+    def _stop(signum, _frame):  # first Ctrl-C/SIGTERM: stop trials and record them; second: at once
+        if driver._stop:
+            raise KeyboardInterrupt
+        driver.request_stop()
+
+    old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    t0 = time.time()
+    try:
+        result = driver.run()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        view.stop()
+    result["paper"] = {"recipe": rec.id, "lr": rec.instruct.lr, "epochs": rec.instruct.epochs, "loss": rec.instruct.loss}
+    result["wall_s"] = round(time.time() - t0, 1)
+    if fmt == Format.json:
+        emit_json(result)
+    else:
+        print_summary(console(), result)
+    if result["interrupted"]:
+        raise SystemExit(130)  # (typer turns KeyboardInterrupt into a return value main() ignores)
+    failed = [c for c in result["cells"] if c["state"] == "failed"]
+    if failed:
+        raise RuntimeFailure(f"{len(failed)} cell(s) failed after {max_retries} retr{'y' if max_retries == 1 else 'ies'}",
+                             "see each trial's log (elmctl runs logs <run>); rerun the command to retry with more --max-retries")

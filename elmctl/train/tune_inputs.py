@@ -1,0 +1,145 @@
+"""A tune run's inputs: the base weights and the preference data, resolved and checked.
+
+Part of :mod:`elmctl.train.tune`. ``elmctl tune`` and ``elmctl tune-sweep`` call these before a run
+(or any trial) exists, so a wrong ``--base`` or ``--data`` fails at once with a hint;
+:func:`elmctl.train.tune.run_tune` then loads the weights with :func:`load_base_weights`.
+
+- Base: a pretrain run id/name (its newest verified checkpoint), a run folder, a checkpoint folder,
+  or an Apple HF folder (:func:`resolve_base`); its architecture must be the recipe's
+  (:func:`check_base`).
+- Data: a prepared preference folder with training and held-out (``test``) pairs, tokenised with
+  a vocabulary the recipe covers (:func:`check_preference_data`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from elmctl.errors import UsageError
+
+__all__ = ["Base", "resolve_base", "check_base", "load_base_weights", "check_preference_data"]
+
+
+@dataclass(frozen=True)
+class Base:
+    """Where the starting weights come from: ``kind`` "checkpoint" (elmctl) or "hf" (Apple layout)."""
+
+    kind: str
+    path: str
+    label: str
+
+
+def resolve_base(spec: str, store=None) -> Base:
+    """``--base``: a pretrain run id/name (its newest verified checkpoint), a run folder, a
+    checkpoint folder (``ckpt-N``), or an Apple HF folder (config.json + safetensors).
+
+    Raises:
+        UsageError: nothing usable at ``spec``.
+    """
+    from elmctl.train.checkpoint import find_resumable
+
+    p = Path(spec).expanduser()
+    if p.is_dir():
+        if (p / "config.json").is_file():
+            return Base("hf", str(p.resolve()), str(p))
+        if (p / "manifest.json").is_file() and (p / "model.safetensors").is_file():
+            return Base("checkpoint", str(p.resolve()), str(p))
+        if (p / "checkpoints").is_dir():
+            info, _ = find_resumable(p)
+            if info is not None:
+                return Base("checkpoint", str(info.path.resolve()), f"{p} ({info.path.name})")
+        raise UsageError(f"--base {spec}: the folder holds no OpenELM weights",
+                         "give a pretrain run id, a checkpoint folder (ckpt-N), or an HF folder with config.json")
+    if store is None:
+        from elmctl.store import Store
+
+        store = Store()
+    run = store.get_run(spec)  # UsageError with "did you mean" when unknown
+    info, _ = find_resumable(run.run_dir)
+    if info is None:
+        raise UsageError(f"--base {spec}: run {run.label} has no checkpoint yet",
+                         f"wait for its first checkpoint, or check it with: elmctl runs show {run.label}")
+    return Base("checkpoint", str(info.path.resolve()), f"run {run.label} ({info.path.name})")
+
+
+def _arch(cfg) -> tuple:
+    from elmctl.config.derived import layer_shapes
+
+    shapes = tuple((s.query_heads, s.kv_heads, s.ffn_dim) for s in layer_shapes(cfg))
+    return (cfg.num_layers, cfg.model_dim, cfg.head_dim, cfg.num_gqa_groups, cfg.vocab_size,
+            cfg.normalize_qk_projections, cfg.share_input_output_layers, cfg.rope_freq_constant, shapes)
+
+
+def check_base(base: Base, recipe) -> None:
+    """The base's architecture must be the recipe's. Raises UsageError naming the differences."""
+    from elmctl.model import OpenELM
+
+    hint = "pick the recipe the base was trained with (elmctl runs show <run>), or another --base"
+    if base.kind == "hf":
+        from elmctl.model.hf import model_config_from_hf
+
+        cfg = model_config_from_hf(json.loads((Path(base.path) / "config.json").read_text()), base.path)
+        if _arch(cfg) != _arch(recipe.model):
+            diff = [f"{n}: base {a} vs recipe {b}" for n, a, b in zip(
+                ("num_layers", "model_dim", "head_dim", "num_gqa_groups", "vocab_size", "normalize_qk_projections",
+                 "share_input_output_layers", "rope_freq_constant", "layer shapes"), _arch(cfg), _arch(recipe.model)) if a != b]
+            raise UsageError(f"--base {base.label} does not match recipe {recipe.id}: " + "; ".join(diff[:4]), hint)
+        return
+    from safetensors import safe_open
+
+    with safe_open(str(Path(base.path) / "model.safetensors"), "pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    stored.update({a: stored[t] for a, t in aliases.items() if t in stored})
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in OpenELM(recipe.model).state_dict().items()}
+    diff = [f"{k}: base {stored.get(k)} vs recipe {v}" for k, v in expected.items() if stored.get(k) != v]
+    diff += [f"{k}: not in recipe {recipe.id}" for k in stored if k not in expected]
+    if diff:
+        raise UsageError(f"--base {base.label} does not match recipe {recipe.id} "
+                         f"({len(diff)} tensors differ, e.g. {'; '.join(diff[:3])})", hint)
+
+
+def load_base_weights(model: torch.nn.Module, kind: str, path: str) -> None:
+    """Copy the base's weights into ``model`` (built from the recipe)."""
+    if kind == "hf":
+        from elmctl.model.hf import load_pretrained
+
+        src = load_pretrained(path).state_dict()
+        own = model.state_dict()
+        with torch.no_grad():
+            for k, v in own.items():
+                w = src[k]
+                if w.shape == v.shape:
+                    v.copy_(w)
+                else:  # embedding rows: HF keeps vocab_size rows, training uses padded_vocab_size
+                    n = min(w.shape[0], v.shape[0])
+                    v.zero_()
+                    v[:n].copy_(w[:n])
+        return
+    from elmctl.train.checkpoint import load_checkpoint_files, verify_checkpoint
+
+    state, _, _ = load_checkpoint_files(verify_checkpoint(path))
+    model.load_state_dict(state)
+
+
+def check_preference_data(path: str, recipe) -> Path:
+    """``--data`` -> the prepared preference folder; no held-out pairs or a foreign vocab -> UsageError."""
+    from elmctl.data import resolve_data_dir
+
+    folder = resolve_data_dir(path, "preference")
+    m = json.loads((folder / "manifest.json").read_text())
+    splits = m.get("splits", {})
+    if not splits.get("test", {}).get("pairs"):
+        raise UsageError(f"{folder}: no held-out (test) pairs; tuning evaluates on them every epoch",
+                         "prepare the data with a test split (records with split: test, or --test-fraction > 0)")
+    if not splits.get("train", {}).get("pairs"):
+        raise UsageError(f"{folder}: no training pairs")
+    if int(m.get("vocab_size", 0)) > recipe.model.vocab_size:
+        raise UsageError(f"{folder} was tokenised with a {m.get('vocab_size')}-token vocabulary; recipe "
+                         f"{recipe.id} has {recipe.model.vocab_size}", "prepare the data with the recipe's tokenizer")
+    return folder
