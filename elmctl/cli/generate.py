@@ -189,6 +189,36 @@ def generate_text(model, tok, prompt: str, *, chat: bool, max_new_tokens: int = 
             "temperature": temperature, "top_k": top_k, "seed": seed}
 
 
+def score_choices(model, tok, prompt: str, choices: list[str], *, chat: bool) -> dict[str, Any]:
+    """log p(choice | prompt) for each choice, as DPO scores an answer (its tokens, then EOS with --chat).
+
+    Returns ``{"choices": [{"text", "logprob", "tokens"}], "pick": text}``; the pick has the highest
+    summed log-prob (the model's preference between the answers, what a preference sweep trains).
+    """
+    import torch
+
+    from elmctl.data.chat import encode_chat, encode_completion
+    from elmctl.train.dpo import sequence_logps
+    from elmctl.train.objectives import IGNORE_INDEX
+
+    prompt_ids = encode_chat(tok, [{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
+    rows = []
+    for text in choices:
+        if not text:
+            raise UsageError("--choice is empty", "give each answer some text")
+        ans = encode_completion(tok, text) if chat else tok.encode(text)
+        ids = prompt_ids + ans
+        if len(ids) > model.config.context_length + 1:
+            raise UsageError(f"prompt + choice {text!r} ({len(ids)} tokens) exceed the model's context of "
+                             f"{model.config.context_length} tokens", "shorten the prompt or the choice")
+        x = torch.tensor(ids[:-1], device=model.token_embeddings.weight.device)[None]
+        labels = torch.tensor([IGNORE_INDEX] * (len(prompt_ids) - 1) + ans, device=x.device)[None]
+        with torch.no_grad():
+            lp = float(sequence_logps(model(x), labels)[0])
+        rows.append({"text": text, "logprob": round(lp, 4), "tokens": len(ans)})
+    return {"choices": rows, "pick": max(rows, key=lambda r: r["logprob"])["text"]}
+
+
 def generate_cmd(
     source: Annotated[str, typer.Argument(help="Run id/prefix/name (latest checkpoint), run folder, checkpoint folder, or HF folder (elmctl export).")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (the user turn, with --chat).")],
@@ -199,12 +229,16 @@ def generate_cmd(
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Wrap the prompt in the OpenELM-Instruct chat template (default: on for tuned runs).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="byte, tokenizer.model or tokenizer.json (default: the one the run's data used).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    choice: Annotated[Optional[list[str]], typer.Option("--choice", help="Also score this answer: log p(answer | prompt); repeat for each candidate, the most likely is the model's pick.")] = None,
     store: StoreOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Generate text from a trained run or an exported model (KV-cache decoding).
 
-    Example: elmctl generate my-tune --prompt "What is 12 + 30?" --max-new-tokens 8
+    With `--choice A --choice B`, each answer is also scored the way DPO scores it, and the model's
+    pick (the most likely answer) is shown: a preference-tuned model is trained to rank answers.
+
+    Example: elmctl generate my-tune --prompt "What is 12 + 30?" --max-new-tokens 8 --choice 42 --choice 18
     """
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
@@ -214,6 +248,8 @@ def generate_cmd(
         raise UsageError(f"--top-k {top_k}: must be >= 1")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device {device!r}: expected cpu or cuda")
+    if choice and not all(choice):
+        raise UsageError("--choice is empty", "give each answer some text")
     src = resolve_source(source, store)
     model = load_model(src, device)
     tok = load_source_tokenizer(src, tokenizer, model.config.vocab_size)
@@ -222,6 +258,8 @@ def generate_cmd(
                            top_k=top_k, seed=seed)
     result = {"source": src.label, "run_id": src.run_id, "run_kind": src.run_kind, "step": src.step,
               "tokenizer": tok.spec, **result}
+    if choice:
+        result.update(score_choices(model, tok, prompt, list(choice), chat=use_chat))
     if fmt == Format.json:
         emit_json(result)
         return
@@ -233,3 +271,7 @@ def generate_cmd(
     out.print(result["completion"], markup=False, highlight=False)
     out.print(f"[dim]{result['new_tokens']} tokens in {result['seconds']:.2f}s"
               + (" (stopped at EOS)" if result["stopped_at_eos"] else "") + "[/]", markup=True)
+    for row in result.get("choices", []):
+        mark = "[bold green]<- pick[/]" if row["text"] == result["pick"] else ""
+        out.print(f"[bold]choice[/] {row['text']!r}: log p {row['logprob']:.3f} ({row['tokens']} tokens) {mark}",
+                  markup=True, highlight=False)

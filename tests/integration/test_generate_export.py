@@ -105,3 +105,32 @@ def test_errors(cli, runs, tmp_path):
     (tmp_path / "empty").mkdir()
     r = cli("generate", str(tmp_path / "empty"), "--prompt", Q)
     assert r.code == 2 and "holds no model" in r.err
+
+
+def test_choices_are_scored_like_dpo_and_the_most_likely_is_the_pick(cli, runs):
+    import torch
+
+    from elmctl.cli.generate import load_model, load_source_tokenizer, resolve_source
+    from elmctl.data.chat import encode_chat
+
+    url = runs[0]
+    res = _gen(cli, "tuned", "--prompt", Q, "-n", "2", "--choice", "42", "--choice", "18", "--store", url)
+    by_text = {c["text"]: c for c in res["choices"]}
+    assert set(by_text) == {"42", "18"} and by_text["42"]["tokens"] == 3  # '4' '2' EOS
+    assert res["pick"] == max(res["choices"], key=lambda c: c["logprob"])["text"]
+    # by hand: sum of log-softmax over the answer's tokens and EOS, after the chat prompt
+    src = resolve_source("tuned", url)
+    model, tok = load_model(src), None
+    tok = load_source_tokenizer(src, None, model.config.vocab_size)
+    prompt = encode_chat(tok, [{"role": "user", "content": Q}])
+    for text, row in by_text.items():
+        ans = tok.encode(text) + [tok.eos_id]
+        ids = torch.tensor(prompt + ans)[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[:, :-1]).float(), -1)[0]
+        want = sum(logp[len(prompt) - 1 + i, t].item() for i, t in enumerate(ans))
+        assert row["logprob"] == pytest.approx(want, abs=1e-3)
+    r = cli("generate", "tuned", "--prompt", Q, "-n", "2", "--choice", "42", "--choice", "18", "--store", url)
+    assert r.code == 0 and "<- pick" in r.out and "choice '42'" in r.out
+    r = cli("generate", "tuned", "--prompt", Q, "--choice", "", "--store", url)
+    assert r.code == 2 and "--choice is empty" in r.err
