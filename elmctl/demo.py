@@ -5,10 +5,11 @@ Stages, each the exact ``elmctl`` command a user would type, run as a subprocess
 
 1. ``data demo``     synthetic corpus + number-comparison preference pairs (byte tokenizer)
 2. ``pretrain``      the ``tiny`` recipe for a few dozen steps
-3. ``generate``      the pre-trained model answers a held-out question (before tuning)
+3. ``generate``      the pre-trained model answers a held-out question and ranks its right and
+                     wrong answer (before tuning)
 4. ``tune-sweep``    DPO over learning rate x epochs, two trials at a time, metric reward accuracy
 5. ``report``        the sweep with its heat map, plots and a self-contained HTML file
-6. ``generate``      the best trial's model answers the same question (after tuning)
+6. ``generate``      the best trial's model does the same (after tuning)
 
 Everything lives under one folder (``experiments/demo-<timestamp>`` by default) with its own SQLite
 store, so the demo never touches the user's main store: ``ELMCTL_HOME`` points at that folder for
@@ -110,13 +111,13 @@ def demo_config(out_dir: str | os.PathLike | None = None, store_url: str | None 
                       sequences_per_step=4, lrs=(1e-5, 1e-4, 1e-3, 1e-2), epochs=(1, 2))
 
 
-def _held_out_question(cfg: DemoConfig) -> tuple[str, str]:
-    """The first held-out preference prompt and its right answer (from the demo's raw pairs)."""
+def _held_out_question(cfg: DemoConfig) -> tuple[str, str, str]:
+    """The first held-out preference prompt, its right and its wrong answer (from the demo's raw pairs)."""
     with open(cfg.data_dir / "raw" / "prefs.jsonl") as f:
         for line in f:
             row = json.loads(line)
             if row.get("split") == "test":
-                return row["prompt"], row["chosen"]
+                return row["prompt"], row["chosen"], row["rejected"]
     raise RuntimeFailure(f"{cfg.data_dir}/raw/prefs.jsonl holds no test pairs")
 
 
@@ -143,9 +144,11 @@ def _stages(cfg: DemoConfig) -> dict[str, Stage]:
     }
 
 
-def _generate_stage(key: str, title: str, source: str, prompt: str, cfg: DemoConfig) -> Stage:
+def _generate_stage(key: str, title: str, source: str, question: tuple[str, str, str], cfg: DemoConfig) -> Stage:
+    prompt, right, wrong = question
     return Stage(key, title, ("generate", source, "--prompt", prompt, "--chat", "--max-new-tokens",
-                              str(cfg.max_new_tokens), "--format", "json", "--store", cfg.store_url))
+                              str(cfg.max_new_tokens), "--choice", right, "--choice", wrong,
+                              "--format", "json", "--store", cfg.store_url))
 
 
 def _run(stage: Stage, cfg: DemoConfig, on_line: Callable[[Stage, str], None] | None, *, stream: bool = True) -> StageResult:
@@ -217,7 +220,7 @@ def run_demo(
         return r
 
     run(stages["data"])
-    question, answer = _held_out_question(cfg)
+    question = _held_out_question(cfg)
     run(stages["pretrain"])
     before = _json_output(run(_generate_stage("before", "the pre-trained model answers a held-out question",
                                               PRETRAIN, question, cfg), stream=False))
@@ -225,6 +228,10 @@ def run_demo(
     src = open_source(cfg.store_url)
     try:
         study = study_report(src, STUDY)
+        best_id = (study.get("best") or {}).get("run_id")
+        # held-out ranking accuracy of the frozen base and of the best tuned model (its last eval)
+        ranking = {m.key: m.value for m in (src.store.metrics(best_id) if best_id and src.store else [])
+                   if m.key in ("preference_accuracy", "base_preference_accuracy")}
     finally:
         src.close()
     run(stages["report"])
@@ -241,8 +248,11 @@ def run_demo(
         "study": STUDY, "pretrain_run": PRETRAIN, "best": best,
         "best_cell": by_acc[-1] if by_acc else None, "worst_cell": by_acc[0] if by_acc else None,
         "cells": study["cells"], "paper": study.get("paper"),
-        "question": question, "expected": answer,
+        "question": question[0], "expected": question[1], "wrong": question[2],
         "before": before.get("completion"), "after": after.get("completion"),
+        "before_pick": before.get("pick"), "after_pick": after.get("pick"),
+        "ranks_right_before": ranking.get("base_preference_accuracy"), "ranks_right_after": ranking.get("preference_accuracy"),
+        "before_choices": before.get("choices"), "after_choices": after.get("choices"),
         "report_html": str(cfg.report_dir / "report.html"), "plots": sorted(str(p) for p in cfg.report_dir.glob("*.png")),
         "wall_s": round(time.perf_counter() - t0, 1),
         "next": next_steps(cfg, best.get("run_id") if best else None),

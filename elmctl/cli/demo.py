@@ -71,15 +71,26 @@ def _key_line(stage: str, line: str) -> bool:
 
 
 def _summary(c, r: dict) -> None:
+    from rich.markup import escape
+
     c.print("\n[bold]== result[/]")
     best, worst = r.get("best_cell"), r.get("worst_cell")
     if best and worst:
         c.print(f"sweep [bold]{r['study']}[/]: best cell lr {best['lr']:g} x {best['epochs']} epoch(s), reward accuracy "
                 f"[bold green]{best['reward_accuracy']:.3f}[/]; worst lr {worst['lr']:g} x {worst['epochs']}: "
                 f"[red]{worst['reward_accuracy']:.3f}[/] (held-out pairs; 0.5 is chance)")
-    c.print(f"question (held out): {r['question']}   right answer: {r['expected']}", markup=False)
-    c.print(f"  before tuning: {r['before']!r}", markup=False)
-    c.print(f"  after tuning:  {r['after']!r}", markup=False)
+    c.print(f"question (held out): {r['question']}   right answer: {r['expected']}, wrong: {r['wrong']}", markup=False)
+    for when in ("before", "after"):
+        pick = r.get(f"{when}_pick")
+        verdict = "" if pick is None else (" [green](right)[/]" if pick == r["expected"] else " [red](wrong)[/]")
+        ranks = f"; of the two answers it prefers {escape(repr(pick))}{verdict}" if pick is not None else ""
+        c.print(f"  {when} tuning:{' ' if when == 'after' else ''} writes {escape(repr(r[when]))}{ranks}", highlight=False)
+    before, after = r.get("ranks_right_before"), r.get("ranks_right_after")
+    if before is not None and after is not None:
+        c.print(f"all held-out questions: the model prefers the right answer on [bold]{before:.0%}[/] before tuning, "
+                f"[bold green]{after:.0%}[/] after (best cell)")
+    c.print("[dim](DPO tunes which answer the model prefers; writing the number itself takes a longer-trained "
+            "base than the demo's few CPU minutes)[/]")
     c.print(f"report: [bold]{r['report_html']}[/] ({len(r['plots'])} plots beside it)")
     c.print(f"folder: {r['out_dir']}  (store, run folders, data, logs/)")
     c.print(f"wall time: {r['wall_s']:.0f}s")

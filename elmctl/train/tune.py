@@ -60,7 +60,10 @@ from elmctl.train.tune_resume import load_resume_point
 
 __all__ = ["make_objective", "run_tune", "TuneResult"]
 
-EVAL_KEYS = ("eval_loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+# preference_accuracy: the tuned model alone ranks chosen above rejected (log p); base_...: the
+# frozen base does (the same number every epoch: where the tuning started).
+EVAL_KEYS = ("eval_loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward",
+             "preference_accuracy", "base_preference_accuracy")
 
 
 def _ref_logps(ref_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,7 +78,8 @@ def make_objective(loss: str, beta: float, ref_model: torch.nn.Module | None) ->
 
     Training batches are pair batches (DPO, hinge) or chosen-only rows (SFT). Evaluation batches
     (``batch["_eval"]``) are always pair batches: loss = the training loss on them (SFT: NLL of the
-    chosen rows), plus the implicit-reward metrics with the recipe's beta.
+    chosen rows), plus the implicit-reward metrics with the recipe's beta, and how often the model
+    alone (and the frozen base) gives the chosen answer the higher log-probability.
     """
     pref_loss = "sigmoid" if loss == "sft" else loss
 
@@ -91,7 +95,8 @@ def make_objective(loss: str, beta: float, ref_model: torch.nn.Module | None) ->
             half = batch["labels"].shape[0] // 2
             out = sft_loss(logits[:half], batch["labels"][:half])
         metrics = {"reward_accuracy": (cr > rj).float().mean(), "reward_margin": (cr - rj).mean(),
-                   "chosen_reward": cr.mean(), "rejected_reward": rj.mean()}
+                   "chosen_reward": cr.mean(), "rejected_reward": rj.mean(),
+                   "preference_accuracy": (pc > pr).float().mean(), "base_preference_accuracy": (rc > rr).float().mean()}
         return out, {k: v.detach() for k, v in metrics.items()}
 
     return objective

@@ -58,5 +58,9 @@ def test_quick_demo_end_to_end(tmp_path):
     html = Path(r["report_html"]).read_text()
     assert html.count("data:image/png;base64,") == len(r["plots"]) >= 3 and STUDY in html
     assert isinstance(r["before"], str) and isinstance(r["after"], str) and r["question"].startswith("What is")
+    # both models rank the held-out question's right and wrong answer
+    assert {r["before_pick"], r["after_pick"]} <= {r["expected"], r["wrong"]} and r["expected"] != r["wrong"]
+    assert [c["text"] for c in r["after_choices"]] == [r["expected"], r["wrong"]]
+    assert 0 <= r["ranks_right_before"] <= 1 and 0 <= r["ranks_right_after"] <= 1
     runs = list((out / "runs").iterdir())
     assert len(runs) == 1 + 4  # the pretrain run and one run per trial, all inside the demo folder

@@ -79,6 +79,25 @@ def test_dpo_run_changes_every_parameter_logs_epochs_and_checkpoints(tune, asset
         assert not torch.equal(tuned[name][:n], p.detach()[:n]), name
     assert _sha(assets / "base" / "model.safetensors") == base_sha
 
+    # the ranking metrics: the base's is computed by hand over the held-out pairs; the tuned one's
+    # from the final weights the same way
+    from elmctl.data.preference import collate_pairs, load_pairs
+    from elmctl.train.dpo import sequence_logps, split_pair_logps
+
+    test = load_pairs(assets / "prefs", "test")
+    batch = collate_pairs(test, pad_id=259)
+
+    def ranks_right(model) -> float:
+        with torch.no_grad():
+            c, r = split_pair_logps(sequence_logps(model(batch["input_ids"]), batch["labels"]))
+        return float((c > r).float().mean())
+
+    tuned_model = elmctl.build_model("tiny", num_layers=2)
+    tuned_model.load_state_dict(tuned)
+    for _, v in evals:
+        assert v["base_preference_accuracy"] == pytest.approx(ranks_right(base), abs=1e-9)
+    assert evals[-1][1]["preference_accuracy"] == pytest.approx(ranks_right(tuned_model), abs=1e-9)
+
 
 def test_base_as_run_id_hinge_and_precompute_ref_match(tune):
     r, first = tune("--epochs", "1", "--name", "start")
