@@ -3,7 +3,9 @@
 The script runs on the first node of the allocation. It resolves the head node's address to a
 non-loopback IPv4 (a hostname that maps to 127.0.x.x on the head node would send the other nodes
 to their own localhost), starts one torchrun per node with ``srun``, and asks Slurm to requeue the
-job on preemption or node failure; the command should resume from the run's last checkpoint.
+job on preemption or node failure. elmctl's jobs resume from the run's newest good checkpoint
+whenever the script runs (requeued or resubmitted), and Slurm sends SIGTERM ``stop_before_s``
+before the time limit so the run stops with a checkpoint instead of being killed mid-step.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def render_sbatch(
     cpus_per_node: int | None = None,
     python: str | None = None,
     env: dict[str, str] | None = None,
+    stop_before_s: int = 180,
 ) -> str:
     """The sbatch script text (see :func:`write_sbatch`)."""
     if nodes < 1 or gpus_per_node < 1:
@@ -57,6 +60,9 @@ def render_sbatch(
         f"#SBATCH --output={run_dir / 'slurm-%j.out'}",
         "#SBATCH --open-mode=append",
         "#SBATCH --requeue",
+        # SIGTERM to the job steps (torchrun -> workers) this long before the time limit: the run
+        # stops at a step boundary with a checkpoint, and resubmitting the script continues it.
+        f"#SBATCH --signal=TERM@{int(stop_before_s)}",
     ]
     if cpus_per_node:
         lines.append(f"#SBATCH --cpus-per-task={cpus_per_node}")
@@ -119,7 +125,7 @@ def write_sbatch(
 ) -> Path:
     """Write an executable sbatch script that runs ``command_args`` (module + args) on ``nodes`` nodes.
 
-    Extra keywords: ``account``, ``cpus_per_node``, ``python`` (interpreter path on the nodes;
+    Extra keywords: ``account``, ``cpus_per_node``, ``stop_before_s``, ``python`` (interpreter path on the nodes;
     default this one, which suits a venv on a shared filesystem), ``env`` (exported variables,
     e.g. ``{"ELMCTL_STORE": "postgresql://..."}``: the store must be reachable from every node).
     """

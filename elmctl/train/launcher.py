@@ -165,7 +165,9 @@ def _options(req: PretrainRequest, plan, run_id: str, store_url: str) -> dict[st
         "eval_every": req.eval_every,
         "log_every": req.log_every or (1 if plan.device == "cpu" else 10),
         "compile": plan.compile,
-        "resume": bool(req.resume),
+        # An sbatch job always resumes: a requeued (preempted) or resubmitted job continues from the
+        # newest good checkpoint, and the first attempt, with none, starts fresh.
+        "resume": bool(req.resume) or bool(req.slurm),
     }
 
 

@@ -266,3 +266,31 @@ def test_other_ranks_follow_the_head_checkpoint_or_say_why_not(tmp_path, monkeyp
         nodes.agree_on_checkpoint(tmp_path, {}, rank1)
     monkeypatch.setattr(nodes.D, "gather_objects", lambda obj: [(None, None, None), obj])
     assert nodes.agree_on_checkpoint(tmp_path, {}, rank1) == (None, [])  # head starts fresh: so do we
+
+
+def test_sbatch_job_resumes_when_requeued(demo, home, tmp_path):
+    """`--slurm` writes a job that resumes whenever it runs: run its worker, stop it with SIGTERM
+    (what Slurm sends on preemption or before the time limit), run it again: it continues."""
+    r = _cli("pretrain", "--recipe", "tiny", "--device", "cpu", "--data", str(demo), "--name", "sj", "--slurm",
+             "--checkpoint-every", "1000", *SMALL, "--set", "pretrain.max_iterations=400")
+    assert r.returncode == 0, r.stderr
+    run = _store().get_run("sj")
+    script = (Path(run.run_dir) / "train.sbatch").read_text()
+    assert "#SBATCH --requeue" in script and "#SBATCH --signal=TERM@180" in script
+    assert json.loads((Path(run.run_dir) / "options.json").read_text())["resume"] is True
+    worker = [sys.executable, "-m", "elmctl.train.worker", "--run-dir", run.run_dir]
+    first = subprocess.Popen(worker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in first.stdout:  # let it train a few steps, then "preempt" it
+        lines.append(line)
+        if line.startswith("step 5/"):
+            first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0, "".join(lines)
+    stopped = _store().get_run("sj")
+    assert stopped.status == "cancelled" and 5 <= stopped.step < 400
+    assert not any("resumed" in x for x in lines)  # first attempt: nothing to resume, fresh start
+    again = subprocess.run([*worker], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert f"resumed from ckpt-{stopped.step} (step {stopped.step})" in again.stdout
+    done = _store().get_run("sj")
+    assert done.status == "completed" and done.step == 400
