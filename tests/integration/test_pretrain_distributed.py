@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from elmctl.cli.main import main
+from pretrain_util import ELMCTL, losses as _losses, run_cli as _cli, store as _store
 
-ELMCTL = str(Path(sys.executable).parent / "elmctl")
 SMALL = ["--set", "model.context_length=32", "--set", "pretrain.sequences_per_gpu=4",
          "--set", "pretrain.warmup_iterations=2", "--set", "pretrain.max_iterations=40"]
 STEPS = 12
@@ -47,21 +47,6 @@ def home(tmp_path_factory) -> Path:
         mp.setenv("ELMCTL_LOCK_DIR", str(root / "locks"))
         mp.setenv("OMP_NUM_THREADS", "1")
         yield root / "home"
-
-
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([ELMCTL, *args], capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
-
-
-def _store():
-    from elmctl.store import Store
-
-    return Store()
-
-
-def _losses(run: str) -> dict[int, float]:
-    with _store() as s:
-        return {m.step: m.value for m in s.metrics(s.get_run(run).id, "loss")}
 
 
 def _latest_ckpt(run: str) -> Path:
