@@ -183,3 +183,23 @@ def test_derive_json_keys():
     assert d["pretrain_tokens"] == 4_194_304 * 350_000  # ~1.47T
     assert d["instruct_effective_batch"] == 128
     assert len(d["layers"]) == 20 and d["plan"]["gpus"] == 8
+
+
+def test_memory_estimate_matches_measured_h100_peaks():
+    # Every bench result recorded on a GPU (tests/benchmarks/results/*.json): the estimate of a
+    # run without activation checkpointing stays within 5% of torch.cuda.max_memory_allocated.
+    import json
+    from pathlib import Path
+
+    from elmctl.config import load_recipe
+    from elmctl.config.derived import GIB, memory_estimate
+
+    checked = 0
+    for f in sorted((Path(__file__).parents[1] / "benchmarks" / "results").glob("*.json")):
+        for r in json.loads(f.read_text()).get("results", []):
+            if r.get("peak_memory_gib") is None or r["activation_checkpointing"] or r.get("processes", 1) != 1:
+                continue
+            est = memory_estimate(load_recipe(r["recipe"]).model, r["micro_batch"], r["seq_len"])["total"] / GIB
+            assert abs(est - r["peak_memory_gib"]) / r["peak_memory_gib"] < 0.05, (f.name, r["recipe"], est)
+            checked += 1
+    assert checked >= 2
