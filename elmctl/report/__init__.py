@@ -47,7 +47,7 @@ def open_source(url: str | None = None) -> ReportSource:
     from sqlalchemy import create_engine, inspect
     from sqlalchemy.engine import make_url
 
-    from elmctl.store._engine import display_url, is_memory_sqlite, resolve_url
+    from elmctl.store._engine import display_url, is_memory_sqlite, resolve_url, server_engine_kwargs
 
     full = resolve_url(url)
     shown = display_url(full)
@@ -59,7 +59,7 @@ def open_source(url: str | None = None) -> ReportSource:
     if sqlite and (is_memory_sqlite(u) or not Path(u.database).expanduser().is_file()):
         where = "an in-memory database" if is_memory_sqlite(u) else str(Path(u.database).expanduser())
         raise UsageError(f"no store at {where}: nothing has been recorded there yet", _EMPTY_HINT)
-    kwargs = {"connect_args": {"timeout": 30.0}} if sqlite else {"pool_pre_ping": True}
+    kwargs = {"connect_args": {"timeout": 30.0}} if sqlite else {"pool_pre_ping": True, **server_engine_kwargs(u)}
     try:
         probe = create_engine(u, **kwargs)
         try:

@@ -10,11 +10,22 @@ SQLite settings (why):
   and far fewer fsyncs per metric row.
 - SQLite on NFS/Lustre/... is refused: WAL needs shared memory on one host, and the locking
   corrupts databases there (optuna#1300, #815, #5385). Use PostgreSQL across machines.
+
+PostgreSQL settings (why): none of the SQLite pragmas above (they would be syntax errors there).
+- ``postgresql://`` (and Heroku-style ``postgres://``) use whichever driver is installed: SQLAlchemy
+  2.0 maps the bare scheme to psycopg2, 2.1 to psycopg 3, and the README installs psycopg 3.
+- ``connect_timeout`` 10 s: libpq otherwise waits for the OS TCP timeout (minutes) on a host that
+  drops packets.
+- Creating tables takes an advisory lock (:func:`lock_schema`): PostgreSQL's catalog rejects two
+  concurrent ``CREATE TABLE``s of one name ("pg_type_typname_nsp_index"), so two machines starting on
+  a fresh database would otherwise fail one of them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +39,9 @@ from elmctl.errors import RuntimeFailure, UsageError
 from elmctl.store._records import home
 
 BUSY_TIMEOUT_S = 30.0
+PG_CONNECT_TIMEOUT_S = 10
+#: advisory lock id held while creating tables (elmctl's and Optuna's) on PostgreSQL
+SCHEMA_LOCK_KEY = zlib.crc32(b"elmctl schema")
 NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.sshfs",
      "fuse.glusterfs", "glusterfs", "9p", "afs", "fuse.s3fs", "fuse.gcsfuse"}
@@ -45,6 +59,37 @@ def resolve_url(url: str | None) -> str:
         return f"sqlite:///{home() / 'elmctl.db'}"
     if "://" not in url:
         return f"sqlite:///{Path(url).expanduser().resolve()}"
+    return normalize_url(url)
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def normalize_url(url: str) -> str:
+    """Map ``postgres://`` to ``postgresql://`` and a bare ``postgresql://`` to an installed driver.
+
+    SQLAlchemy picks psycopg2 for the bare scheme (2.0) or psycopg 3 (2.1+); when that one is
+    missing but the other is installed, the URL names the installed one. Anything else is unchanged
+    (a missing driver is then reported by :func:`make_engine`).
+    """
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    if not url.startswith("postgresql://"):
+        return url
+    try:
+        u = make_url(url)
+        default = u.get_dialect().driver  # "psycopg2" or "psycopg"
+    except (ArgumentError, ValueError):  # malformed or unknown driver: make_engine says so
+        return url
+    if _importable(default):
+        return url
+    for driver in ("psycopg", "psycopg2"):
+        if driver != default and _importable(driver):
+            return u.set(drivername=f"postgresql+{driver}").render_as_string(hide_password=False)
     return url
 
 
@@ -96,6 +141,14 @@ def check_local_sqlite(db_path: Path, mounts: str = "/proc/mounts") -> None:
         )
 
 
+def server_engine_kwargs(u: URL) -> dict:
+    """``create_engine`` keywords for a database server URL: a connect timeout for PostgreSQL."""
+    if u.get_backend_name() == "postgresql" and u.get_driver_name() in ("psycopg", "psycopg2") \
+            and "connect_timeout" not in u.query:
+        return {"connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}}
+    return {}
+
+
 def make_engine(url: str) -> Engine:
     """Create the engine for ``url``; bad URLs and missing drivers raise UsageError."""
     try:
@@ -116,19 +169,31 @@ def make_engine(url: str) -> Engine:
             raise UsageError(f"cannot create the folder for store {db_path}: {exc}", hint=_URL_HINT) from exc
         kwargs.update(connect_args={"timeout": BUSY_TIMEOUT_S})
     else:
-        kwargs.update(pool_pre_ping=True)
+        kwargs.update(pool_pre_ping=True, **server_engine_kwargs(u))
     try:
         engine = create_engine(u, **kwargs)
     except NoSuchModuleError as exc:
         raise UsageError(f"unknown database scheme {u.drivername!r} in store URL {display_url(url)}", hint=_URL_HINT) from exc
     except ImportError as exc:
-        raise UsageError(
-            f"the database driver for {u.drivername!r} is not installed ({exc})",
-            hint="install the driver into elmctl's environment, e.g. pip install psycopg (for postgresql://)",
-        ) from exc
+        hint = "install the driver into elmctl's environment"
+        if u.get_backend_name() == "postgresql":
+            hint += ': pip install "psycopg[binary]" (for postgresql:// or postgresql+psycopg://)'
+        raise UsageError(f"the database driver for {u.drivername!r} is not installed ({exc})", hint=hint) from exc
     if sqlite:
         _install_sqlite_settings(engine, memory=is_memory_sqlite(u))
     return engine
+
+
+def lock_schema(conn: Connection) -> None:
+    """Serialise table creation between processes on PostgreSQL (no-op elsewhere).
+
+    Takes a transaction-level advisory lock on ``conn``: held until its transaction ends, so the
+    tables created under it are committed before the next process looks. It can also guard work on
+    other connections (Optuna creating its tables) while ``conn``'s transaction stays open. On
+    SQLite the caller's ``BEGIN IMMEDIATE`` already serialises writers.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})")
 
 
 def _install_sqlite_settings(engine: Engine, *, memory: bool) -> None:
@@ -157,6 +222,10 @@ def _reason(exc: SQLAlchemyError) -> str:
 
 
 def _hint(reason: str, url: str) -> str:
+    if "password authentication failed" in reason or "no password supplied" in reason:
+        return "check the user name and password in the URL (--store / ELMCTL_STORE), or the server's pg_hba.conf"
+    if "database" in reason and "does not exist" in reason:
+        return "create it first (e.g. createdb -O USER NAME on the server), or fix the name in --store / ELMCTL_STORE"
     if "locked" in reason or "busy" in reason:
         return ("another process held the SQLite write lock for over 30 s; with many machines or "
                 "writers use --store postgresql://...")

@@ -28,7 +28,7 @@ from sqlalchemy.engine import Connection
 
 from elmctl.errors import UsageError
 from elmctl.store import _tables as T
-from elmctl.store._engine import display_url, make_engine, resolve_url, transaction
+from elmctl.store._engine import display_url, lock_schema, make_engine, resolve_url, transaction
 from elmctl.store._records import (
     STATUSES,
     TERMINAL_STATUSES,
@@ -97,7 +97,9 @@ class Store:
             present = set(inspect(conn).get_table_names())
         if not set(names) <= present:
             with self._tx(write=True) as conn:
-                # Under BEGIN IMMEDIATE (SQLite) the check-then-create cannot race another process.
+                # Under BEGIN IMMEDIATE (SQLite) or the schema lock (PostgreSQL) the check-then-create
+                # cannot race another process.
+                lock_schema(conn)
                 T.metadata.create_all(conn, checkfirst=True)
                 if conn.execute(select(T.meta.c.value).where(T.meta.c.key == "schema_version")).first() is None:
                     conn.execute(insert(T.meta).values(key="schema_version", value=str(T.SCHEMA_VERSION)))
@@ -218,7 +220,9 @@ class Store:
             values["run_dir"] = str(values["run_dir"])
         with self._tx(write=True) as conn:
             rid = self._resolve_id(conn, run_id)
-            current = _to_record(conn.execute(select(T.runs).where(T.runs.c.id == rid)).one())
+            # FOR UPDATE: on PostgreSQL a concurrent cancel waits for (or is seen by) this write, so
+            # "a cancelled run stays cancelled" holds there too (SQLite: BEGIN IMMEDIATE already does).
+            current = _to_record(conn.execute(select(T.runs).where(T.runs.c.id == rid).with_for_update()).one())
             status = values.get("status")
             if status is not None:
                 _check_status(status)

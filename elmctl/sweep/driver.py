@@ -125,10 +125,14 @@ class SweepDriver:
         orphans = S.fail_orphans(self.study, self.me, stale_after_s=self.stale_after_s)
         if orphans:
             self._note(f"trials {orphans} were left running by a driver that is gone: marked FAIL (orphaned), their cells will be retried")
-        by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)}
-        for run in self.store.list_runs(study=self.spec.study, limit=None):
+        # Runs first, then trials: another driver may be starting trials right now, and it creates a
+        # trial before its run and closes a run before it finishes the trial, so this order (and the
+        # re-read) never takes a live driver's fresh or just-finished trial for an orphan.
+        active = [r for r in self.store.list_runs(study=self.spec.study, limit=None) if r.is_active]
+        by_number = {t.number: t for t in self.study.get_trials(deepcopy=False)} if active else {}
+        for run in active:
             t = by_number.get(run.trial) if run.trial is not None else None
-            if not run.is_active or (t is not None and t.state.name == "RUNNING"):
+            if (t is not None and t.state.name == "RUNNING") or not self.store.get_run(run.id).is_active:
                 continue
             # the trial is finished (or never existed) but its run still looks alive: stop and close it
             leader = (t.user_attrs.get("worker_pid") if t is not None else None) or run.pid

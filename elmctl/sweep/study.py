@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -51,11 +53,17 @@ def open_storage(url: str, *, timeout_s: float = 60.0) -> "optuna.storages.RDBSt
     """Optuna's RDBStorage on the store URL; an unreachable URL -> UsageError.
 
     SQLite gets a long lock timeout (the driver is the only study writer, but trial processes write
-    their metrics into the same file) and its folder is created.
+    their metrics into the same file) and its folder is created. PostgreSQL gets a connect timeout,
+    the store's URL mapping (``postgresql://`` -> the installed psycopg) and, while Optuna creates
+    its tables, the store's schema lock: drivers starting together on a fresh database would
+    otherwise collide in ``CREATE TABLE``.
     """
     import optuna
     import sqlalchemy
 
+    from elmctl.store._engine import normalize_url
+
+    url = normalize_url(url)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": timeout_s}
@@ -64,19 +72,48 @@ def open_storage(url: str, *, timeout_s: float = 60.0) -> "optuna.storages.RDBSt
             Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
     elif url.startswith(("postgresql", "mysql")):
         engine_kwargs["pool_pre_ping"] = True
-        if url.startswith("postgresql"):
+        if url.startswith("postgresql") and "connect_timeout" not in url:
             engine_kwargs["connect_args"] = {"connect_timeout": int(min(timeout_s, 30))}
     try:
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        with _schema_guard(url, engine_kwargs):
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
     except Exception as exc:  # driver missing, host down, bad credentials, bad URL syntax
         raise UsageError(
-            f"cannot open the study storage {_redact(url)}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}",
+            f"cannot open the study storage {_redact(url)}: {_first_line(exc)}",
             "check --storage/--store (SQLAlchemy URL, e.g. sqlite:///experiments/elmctl.db or "
             "postgresql://user@host/db) and that the database is reachable from this machine",
         ) from None
     if url.startswith("sqlite"):
         _immediate_transactions(storage.engine, timeout_s)
     return storage
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first line`` of an error, with the driver's own error preferred over SQLAlchemy's wrapper."""
+    orig = getattr(exc, "orig", None) or exc
+    lines = str(orig).strip().splitlines() or [""]
+    return f"{type(orig).__name__}: {lines[0][:200]}"
+
+
+@contextmanager
+def _schema_guard(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
+    """Hold the store's schema lock (PostgreSQL only) on a side connection while the body runs."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    from elmctl.store._engine import lock_schema
+
+    kwargs = {k: v for k, v in engine_kwargs.items() if k != "pool_pre_ping"}
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool, **kwargs)
+    try:
+        with engine.connect() as conn, conn.begin():
+            lock_schema(conn)  # released when this transaction ends, after the body
+            yield
+    finally:
+        engine.dispose()
 
 
 def _immediate_transactions(engine: Any, timeout_s: float) -> None:
@@ -142,7 +179,10 @@ def open_study(
     stored = study.user_attrs.get("elmctl")
     if stored is None:
         study.set_user_attr("elmctl", identity)
-    else:
+        # Re-read: a driver starting at the same moment may have written first (Optuna then drops
+        # this write silently), and its settings are the study's.
+        stored = study.user_attrs.get("elmctl") or identity
+    if stored != identity:
         diffs = [f"{k}: stored {stored.get(k)!r}, now {v!r}" for k, v in identity.items() if stored.get(k) != v]
         if diffs:
             raise UsageError(
