@@ -6,8 +6,6 @@ live view and the summary table are in :mod:`elmctl.cli._sweep_view`.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import signal
 import time
 from pathlib import Path
@@ -29,7 +27,9 @@ def _recipe_spec(spec: str) -> str:
 
 def _default_study(identity: dict[str, Any], recipe_id: str) -> str:
     """The same command gets the same study name, so rerunning it resumes the sweep."""
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+    from elmctl._files import sha256_json
+
+    digest = sha256_json(identity)[:8]
     return f"tune-{recipe_id}-{digest}"
 
 

@@ -11,13 +11,12 @@ file's size and mtime are unchanged, so the no-op check does not re-read large c
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from elmctl._files import sha256_file
+from elmctl._files import sha256_file, sha256_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -60,7 +59,7 @@ def build_fingerprint(kind: str, tokenizer_fp: str, options: dict[str, Any], inp
         "options": options,
         "inputs": [i["sha256"] for i in inputs],
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return sha256_json(payload)
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -23,11 +23,11 @@ The choice is written to the trial's run record (``config.resumed_from`` or
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+from elmctl._files import sha256_file, sha256_json
 
 __all__ = ["ResumePoint", "resume_candidates", "trial_identity", "topology", "compare", "choose", "describe"]
 
@@ -95,10 +95,6 @@ def resume_candidates(trials: Iterable[Any], cell: Any, checkpoint_step: Callabl
 # ------------------------------------------------------------------ trial side
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def trial_identity(recipe: Any, *, lr: float, epochs: int, loss: str, base_path: str, data_dir: str | Path,
                    precompute_ref: bool, on_gpu: bool) -> dict[str, Any]:
     """What must be equal for a checkpoint to continue this trial's trajectory exactly.
@@ -108,7 +104,7 @@ def trial_identity(recipe: Any, *, lr: float, epochs: int, loss: str, base_path:
     it = recipe.instruct
     manifest = Path(data_dir) / "manifest.json"
     try:
-        data_digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:16]
+        data_digest = sha256_file(manifest)[:16]
     except OSError:
         data_digest = None
     return {
@@ -117,7 +113,7 @@ def trial_identity(recipe: Any, *, lr: float, epochs: int, loss: str, base_path:
         "max_length": int(it.max_length), "max_prompt_length": int(it.max_prompt_length),
         "precision": it.precision if on_gpu else "fp32", "precompute_ref": bool(precompute_ref),
         "base": str(base_path), "data": str(data_dir), "data_manifest": data_digest,
-        "model": _digest(recipe.model.model_dump(mode="json")),
+        "model": sha256_json(recipe.model.model_dump(mode="json"))[:16],
     }
 
 

@@ -17,7 +17,6 @@ Retention keeps the newest ``keep`` checkpoints plus every one marked final; nev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from elmctl._files import sha256_file
+from elmctl._files import sha256_file, sha256_json
 from elmctl.errors import RuntimeFailure
 
 __all__ = [
@@ -38,6 +37,7 @@ __all__ = [
     "verify_checkpoint",
     "find_resumable",
     "load_checkpoint_files",
+    "restore_training_state",
     "list_checkpoints",
     "checkpoint_dir",
 ]
@@ -79,7 +79,7 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _digest(files: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+    return sha256_json(sorted(files.items()))
 
 
 def _dedupe_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -296,3 +296,18 @@ def load_checkpoint_files(info: CheckpointInfo) -> tuple[dict[str, torch.Tensor]
     optim_state = torch.load(info.path / "optimizer.pt", map_location="cpu", weights_only=True)
     train_state = torch.load(info.path / "state.pt", map_location="cpu", weights_only=True)
     return model_state, optim_state, train_state
+
+
+def restore_training_state(info: CheckpointInfo, runner, optimizer, batches, rank: int) -> int:
+    """Load a checkpoint into the model (DDP/FSDP runner), AdamW, the data position and this
+    rank's RNG; returns the step it was taken at. Shared by pre-training and tuning resumes."""
+    from elmctl.train import dist as D
+
+    model_state, optim_state, train_state = load_checkpoint_files(info)
+    D.load_model_state(runner, model_state)
+    D.load_optimizer_state(runner, optimizer, optim_state)
+    batches.load_state_dict(train_state["data"])
+    rngs = train_state.get("rng")
+    if rngs:
+        D.set_rng_state(rngs[rank % len(rngs)])
+    return int(train_state["step"])

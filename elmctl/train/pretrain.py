@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from elmctl.train import dist as D
-from elmctl.train.checkpoint import load_checkpoint_files, save_checkpoint
+from elmctl.train.checkpoint import restore_training_state, save_checkpoint
 from elmctl.train.loop import Hooks, LoopConfig, LoopResult, train
 from elmctl.train.objectives import lm_objective, shift_labels
 from elmctl.train.optim import build_adamw
@@ -170,8 +170,9 @@ def run_pretrain(
     device_type = opt["device"]
     info = D.init_distributed(device_type)
     # Several nodes started by hand each have their own run record: all train global rank 0's run.
-    head_recipe, opt, role, notes = follow_head(recipe.model_dump(mode="json"), opt, info)
-    if head_recipe != recipe.model_dump(mode="json"):
+    own_recipe = recipe.model_dump(mode="json")
+    head_recipe, opt, role, notes = follow_head(own_recipe, opt, info)
+    if head_recipe != own_recipe:
         recipe = Recipe.model_validate(head_recipe)
     pt, mcfg = recipe.pretrain, recipe.model
     records = info.is_main or role.records_node_run  # rank 0: the run; a node's first process: its record
@@ -220,13 +221,7 @@ def run_pretrain(
                 event("warning: " + w)
             warnings += warns
             if ckpt is not None:
-                mstate, ostate, tstate = load_checkpoint_files(ckpt)
-                D.load_model_state(runner, mstate)
-                D.load_optimizer_state(runner, optimizer, ostate)
-                batches.load_state_dict(tstate["data"])
-                rngs = tstate["rng"]
-                D.set_rng_state(rngs[info.rank % len(rngs)])
-                start_step = int(tstate["step"])
+                start_step = restore_training_state(ckpt, runner, optimizer, batches, info.rank)
                 if info.is_main:
                     store.discard_metrics_after(run_id, start_step)
                 event(f"resumed from {ckpt.path.name} (step {start_step})")

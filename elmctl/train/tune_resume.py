@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from elmctl.errors import RuntimeFailure
-from elmctl.train import dist as D
 
 if TYPE_CHECKING:  # pragma: no cover
     from elmctl.train.tune_batches import PairBatches
@@ -27,7 +26,7 @@ def load_resume_point(opt: dict, runner, optimizer, batches: PairBatches, store,
     Called after the reference model copied the base, so the reference stays the base.
     """
     from elmctl.sweep.resume import describe
-    from elmctl.train.checkpoint import CheckpointInfo, load_checkpoint_files
+    from elmctl.train.checkpoint import CheckpointInfo, restore_training_state
 
     point = opt.get("resume")
     for note in opt.get("resume_notes") or []:
@@ -37,15 +36,10 @@ def load_resume_point(opt: dict, runner, optimizer, batches: PairBatches, store,
             event("not resuming: no compatible checkpoint among the earlier attempts; starting from the base weights")
         return 0
     step = int(point["step"])
-    mstate, ostate, tstate = load_checkpoint_files(CheckpointInfo(step, Path(point["checkpoint"]), point["sha256"]))
-    if int(tstate["step"]) != step:
-        raise RuntimeFailure(f"checkpoint {point['checkpoint']} holds step {tstate['step']}, expected {step}")
-    D.load_model_state(runner, mstate)
-    D.load_optimizer_state(runner, optimizer, ostate)
-    batches.load_state_dict(tstate["data"])
-    rngs = tstate.get("rng")
-    if rngs:
-        D.set_rng_state(rngs[info.rank % len(rngs)])
+    held = restore_training_state(CheckpointInfo(step, Path(point["checkpoint"]), point["sha256"]),
+                                  runner, optimizer, batches, info.rank)
+    if held != step:
+        raise RuntimeFailure(f"checkpoint {point['checkpoint']} holds step {held}, expected {step}")
     if store is not None:
         copy_history(store, point["run_id"], run_id, step)
     event(f"resumed from {describe(point)}: {point['checkpoint']}")
