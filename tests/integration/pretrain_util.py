@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ELMCTL = str(Path(sys.executable).parent / "elmctl")
@@ -26,3 +28,20 @@ def losses(run: str) -> dict[int, float]:
     """step -> training loss of a run (id or name)."""
     with store() as s:
         return {m.step: m.value for m in s.metrics(s.get_run(run).id, "loss")}
+
+
+def ctrl_c_once_training(args: list[str], run: str) -> tuple[int, str, str]:
+    """Start ``elmctl *args``, press Ctrl-C once run ``run`` has logged a loss; (exit code, stdout, stderr)."""
+    proc = subprocess.Popen([ELMCTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=os.environ.copy())
+    deadline = time.time() + 90
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if losses(run):
+                break
+        except Exception:  # store or run not there yet
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, out, err

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from elmctl.cli.main import main
-from pretrain_util import ELMCTL, losses as _losses, run_cli as _cli, store as _store
+from pretrain_util import ELMCTL, ctrl_c_once_training, losses as _losses, run_cli as _cli, store as _store
 
 SMALL = ["--set", "model.context_length=32", "--set", "pretrain.sequences_per_gpu=4",
          "--set", "pretrain.warmup_iterations=2", "--set", "pretrain.max_iterations=40"]
@@ -217,19 +217,8 @@ def test_missing_and_busy_gpus(demo, home, monkeypatch, capsys):
 def test_ctrl_c_checkpoints_and_cancels_then_resumes(demo, home, nproc):
     args = ["pretrain", "--recipe", "tiny", "--device", "cpu", "--data", str(demo), "--max-steps", "40",
             "--checkpoint-every", "100", *SMALL, "--name", "cc", "--nproc", str(nproc)]
-    proc = subprocess.Popen([ELMCTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ.copy())
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if _losses("cc"):
-                break
-        except Exception:  # store or run not there yet
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out + err
+    code, out, err = ctrl_c_once_training(args, "cc")
+    assert code == 0, out + err
     assert "cancelled" in out and "--resume cc" in out
     assert "Traceback" not in out + err  # torchrun's agent shutdown stays in train.log
     with _store() as s:

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from elmctl.cli.main import main
-from pretrain_util import ELMCTL, losses as _losses, run_cli as _cli, store as _store
+from pretrain_util import ELMCTL, ctrl_c_once_training, losses as _losses, run_cli as _cli, store as _store
 
 SMALL = ["--set", "model.context_length=32", "--set", "pretrain.sequences_per_gpu=4",
          "--set", "pretrain.warmup_iterations=2", "--set", "pretrain.max_iterations=40"]
@@ -118,19 +118,8 @@ def test_fsdp_ctrl_c_then_resume_matches_uninterrupted(refs, demo, home):
     args = ["pretrain", "--recipe", "tiny", "--device", "cpu", "--data", str(demo), "--nproc", "2",
             "--max-steps", str(STEPS), "--checkpoint-every", "100", *SMALL, "--set", "pretrain.fsdp=true",
             "--name", "fcc"]
-    proc = subprocess.Popen([ELMCTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ.copy())
-    deadline = time.time() + 90
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if _losses("fcc"):
-                break
-        except Exception:  # store or run not there yet
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out + err
+    code, out, err = ctrl_c_once_training(args, "fcc")
+    assert code == 0, out + err
     assert "cancelled" in out and "Traceback" not in out + err
     with _store() as s:
         run = s.get_run("fcc")
