@@ -42,9 +42,19 @@ _GROUPS = (
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from elmctl import __version__
+
+        typer.echo(f"elmctl {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks (also ELMCTL_DEBUG=1)."),
+    version: bool = typer.Option(False, "--version", help="Print elmctl's version and exit.",
+                                 callback=_print_version, is_eager=True),
 ) -> None:
     if debug:
         os.environ["ELMCTL_DEBUG"] = "1"

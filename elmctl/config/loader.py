@@ -23,6 +23,7 @@ __all__ = [
     "Problem",
     "RecipeError",
     "recipes_dir",
+    "user_recipe_dirs",
     "available_recipes",
     "resolve_recipe_path",
     "load_recipe",
@@ -56,21 +57,27 @@ class RecipeError(UsageError):
 
 
 def recipes_dir() -> Path:
-    """Shipped recipes: $ELMCTL_RECIPES, else the repository's recipes/ folder."""
-    env = os.environ.get("ELMCTL_RECIPES")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "recipes"
+    """The recipes shipped inside the package (``elmctl/recipes``; the repository's ``recipes/`` links there)."""
+    return Path(__file__).resolve().parents[1] / "recipes"
+
+
+def user_recipe_dirs() -> list[Path]:
+    """The user's own recipe folders: ``$ELMCTL_RECIPES`` (one folder, or several joined by ``os.pathsep``)."""
+    env = os.environ.get("ELMCTL_RECIPES", "")
+    return [Path(part).expanduser() for part in env.split(os.pathsep) if part.strip()]
 
 
 def available_recipes() -> dict[str, Path]:
-    """Recipe id -> file, for every shipped recipe (openelm-<id>.yaml or <id>.yaml)."""
+    """Recipe id -> file (``openelm-<id>.yaml`` or ``<id>.yaml``).
+
+    Lookup order: the user's folders (``$ELMCTL_RECIPES``, first folder first), then the recipes
+    shipped with elmctl; a user's recipe with a shipped id takes its place.
+    """
     found: dict[str, Path] = {}
-    folder = recipes_dir()
-    if folder.is_dir():
-        for path in sorted(folder.glob("*.yaml")):
-            rid = path.stem.removeprefix("openelm-")
-            found[rid] = path
+    for folder in [*user_recipe_dirs(), recipes_dir()]:
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.yaml")):
+                found.setdefault(path.stem.removeprefix("openelm-"), path)
     order = {"270m": 0, "450m": 1, "1_1b": 2, "3b": 3}
     return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], 9), kv[0])))
 
