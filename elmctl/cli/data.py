@@ -9,7 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from elmctl.cli._common import Format, FormatOpt, console, emit_json, emit_yaml
+from elmctl.cli._common import MAX_WORKERS, Format, FormatOpt, console, emit_json, emit_yaml
 
 data_app = typer.Typer(
     help="Prepare training data: pre-training token shards, preference/SFT pairs, synthetic demo data.",
@@ -106,17 +106,19 @@ def prepare_cmd(
     min_tokens: Annotated[Optional[int], typer.Option("--min-tokens", help="Drop shorter texts (default recipe's, else 256).")] = None,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Documents held out as val (by hash).")] = 0.01,
     shard_tokens: Annotated[int, typer.Option("--shard-tokens", help="Tokens per shard file.")] = 100_000_000,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Tokeniser processes (default: all cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=1, max=MAX_WORKERS, help="Tokeniser processes (default: all cores).")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Pairs: prompt+answer tokens (default recipe's, else 1024).")] = None,
     max_prompt_length: Annotated[Optional[int], typer.Option("--max-prompt-length", help="Pairs: prompt tokens (default recipe's, else 512).")] = None,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Pairs without a split field held out as test.")] = 0.05,
-    force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild even if up to date; write into a non-empty folder that has no elmctl manifest (its files are left alone), or over another kind of prepared data.")] = False,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Tokenise text into pre-training shards (or preference/SFT pairs) with a manifest.
 
-    Re-running with the same inputs and options does nothing ("up to date"). A folder without
-    manifest.json is incomplete and is rebuilt.
+    Re-running with the same inputs and options does nothing ("up to date"). A rebuild deletes only
+    the files the folder's previous elmctl manifest lists (or an interrupted build's journal); other
+    files in --out are never touched. A non-empty --out without an elmctl manifest is refused unless
+    --force, and a file elmctl did not write that has an output's name is always refused.
 
     Example: elmctl data prepare corpus.jsonl --tokenizer tokenizer.model --out data/pile --recipe 270m
     """
@@ -195,12 +197,12 @@ def info_cmd(
 
     Example: elmctl data info data/demo/pretrain
     """
-    from elmctl.data._manifest import read_manifest
+    from elmctl.data._manifest import load_manifest
     from elmctl.errors import UsageError
 
     found = []
     for folder in (path, path / "pretrain", path / "preference", path / "sft"):
-        m = read_manifest(folder)
+        m = load_manifest(folder)  # UsageError naming the problem when one is malformed
         if m is not None:
             found.append({"dir": str(folder), **{k: v for k, v in m.items() if k not in ("files", "inputs")}})
     if not found:

@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from elmctl._files import MAX_RECIPE_BYTES, UnreadableFile, read_text_bounded
 from elmctl.config.schema import FieldProblems, Recipe
 from elmctl.errors import UsageError
 
@@ -30,7 +31,12 @@ __all__ = [
     "recipe_from_dict",
     "parse_overrides",
     "validate_files",
+    "MAX_SHOWN_PROBLEMS",
 ]
+
+# A message lists at most this many problems, then "... and N more": a file with a million unknown
+# keys is one screen of output, not a million lines. RecipeError.problems keeps them all.
+MAX_SHOWN_PROBLEMS = 50
 
 
 @dataclass(frozen=True)
@@ -46,12 +52,17 @@ class Problem:
 
 
 class RecipeError(UsageError):
+    """Every problem found (``problems``); the message shows the first :data:`MAX_SHOWN_PROBLEMS`."""
+
     def __init__(self, problems: list[Problem], hint: str | None = None):
         self.problems = problems
         n = len(problems)
         head = f"{n} problem{'s' if n != 1 else ''} in recipe:"
+        shown = [f"  {p}" for p in problems[:MAX_SHOWN_PROBLEMS]]
+        if n > MAX_SHOWN_PROBLEMS:
+            shown.append(f"  ... and {n - MAX_SHOWN_PROBLEMS} more")
         super().__init__(
-            head + "\n" + "\n".join(f"  {p}" for p in problems),
+            head + "\n" + "\n".join(shown),
             hint or "fix the fields above; `elmctl recipe schema` lists every field and its range",
         )
 
@@ -218,9 +229,13 @@ def _model_at(path: tuple, root: type[BaseModel] = Recipe) -> type[BaseModel] | 
     return model if isinstance(model, type) and issubclass(model, BaseModel) else None
 
 
-def _describe(err: dict) -> str:
+def _describe(err: dict, hints: bool = True) -> str:
+    """A pydantic error as one line; ``hints`` adds the did-you-mean (difflib: skipped for problems
+    past the shown ones, so a million unknown keys cost a million dict lookups, not fuzzy matches)."""
     kind, msg = err["type"], err["msg"]
     loc = err["loc"]
+    if kind == "extra_forbidden" and not hints:
+        return f"unknown key '{loc[-1]}'"
     if kind == "extra_forbidden":
         parent = _model_at(tuple(str(p) for p in loc[:-1]))
         names = list(parent.model_fields) if parent else []
@@ -258,23 +273,63 @@ def _problems_from(exc: ValidationError, source: str, lines: _LineMap | None, ov
             for sub, message in cause.items:
                 add(f"{field}.{sub}" if field else sub, message)
         else:
-            add(field, _describe(err))
+            add(field, _describe(err, hints=len(problems) < MAX_SHOWN_PROBLEMS))
     return problems
 
 
+class _SetLoader(_Loader):
+    """`--set` values: YAML 1.2 core scalars, what a value typed on a command line means.
+
+    PyYAML follows YAML 1.1, where `010` is octal 8, `1:30` is sexagesimal 90, `2024-01-01` a date
+    and `no`/`on` booleans. Here ints are decimal (`010` is 10; `0o17`, `0x1f` and `1_000` also
+    read as ints), booleans are only true/false (any case as YAML 1.2 allows: true, True, TRUE), and
+    everything else that is not a number or null stays text.
+    """
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = str(loader.construct_scalar(node)).replace("_", "")
+    sign, digits = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
+    if digits[:2] in ("0x", "0o"):
+        return sign * int(digits[2:], 16 if digits[1] == "x" else 8)
+    return sign * int(digits, 10)  # decimal: leading zeros do not make it octal
+
+
+_SetLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in (
+        "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp")]
+    for first, resolvers in _Loader.yaml_implicit_resolvers.items()
+}
+_SetLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_SetLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int", re.compile(r"^[-+]?(?:[0-9][0-9_]*|0o[0-7_]+|0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+_SetLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _set_value(raw: str) -> Any:
+    """One `--set` value as YAML 1.2; text that is not valid YAML (`[1, 2`) stays text."""
+    if not raw.strip():
+        return ""
+    try:
+        loader = _SetLoader(raw)  # (the reader refuses control characters here already)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except (yaml.YAMLError, RecursionError):
+        return raw
+
+
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """['pretrain.max_lr=1e-3', ...] -> {'pretrain.max_lr': 0.001, ...} (values parsed as YAML)."""
+    """['pretrain.max_lr=1e-3', ...] -> {'pretrain.max_lr': 0.001, ...} (values parsed as YAML 1.2)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
             raise UsageError(f"--set expects key=value, got '{item}'", "example: --set pretrain.max_lr=1e-3")
-        try:
-            value = _yaml_load(raw) if raw.strip() else ""
-        except (yaml.YAMLError, RecursionError):
-            value = raw
-        out[key] = value
+        out[key] = _set_value(raw)
     return out
 
 
@@ -329,18 +384,42 @@ def recipe_from_dict(
                 )
             ]
         )
-    data = _deepcopy(data)
+    original, data = data, _deepcopy(data)
     if overrides:
         _apply_overrides(data, overrides, source)
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
-        problems += _problems_from(exc, source, lines, tuple(overrides or ()))
+        found = _problems_from(exc, source, lines, tuple(overrides or ()))
+        problems += _blame_overrides(found, original, source, overrides) if overrides else found
         recipe = None
     if problems:
         raise RecipeError(problems)
     assert recipe is not None
     return recipe
+
+
+def _blame_overrides(found: list[Problem], original: dict, source: str, overrides: dict[str, Any]) -> list[Problem]:
+    """Give the `--set` the problems only it causes, e.g. a cross-field check failing at a field of the file.
+
+    A problem at a field the file alone has no problem with is reported as ``--set`` (with the
+    overrides of that section), not as the file's line: the file is fine, the override is not.
+    """
+    if not any(p.source == source for p in found):
+        return found
+    try:
+        Recipe.model_validate(original)
+        before: set[str] = set()
+    except ValidationError as exc:
+        before = {p.field for p in _problems_from(exc, source, None)}
+    out = []
+    for p in found:
+        if p.source == source and p.field not in before:
+            section = [k for k in overrides if k.split(".")[0] == p.field.split(".")[0]] or list(overrides)
+            keys = [k for k in section if k.rsplit(".", 1)[-1] in p.message] or section  # the ones it names
+            p = Problem("--set", p.field, None, f"{p.message} (after --set {', '.join(keys)})")
+        out.append(p)
+    return out
 
 
 def _deepcopy(x: Any) -> Any:
@@ -352,10 +431,11 @@ def _deepcopy(x: Any) -> Any:
 
 
 def _read(path: Path) -> tuple[Any, _LineMap]:
+    # The size limit is also the parse-time limit: PyYAML reads 60-150 KB/s (about 2 s at most).
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError([Problem(str(path), "", None, f"cannot read file: {exc}")]) from None
+        text = read_text_bounded(path, MAX_RECIPE_BYTES, "recipe")
+    except UnreadableFile as exc:
+        raise RecipeError([Problem(str(path), "", None, exc.reason)], exc.hint) from None
     try:
         data, node = _parse(text)
         return data, _LineMap(node=node)

@@ -32,6 +32,9 @@ Bool = Annotated[bool, Strict()]
 
 # Upper bounds keep every derived number a finite float (no OverflowError in `recipe show`).
 _BIG = 1 << 40
+# Positions: the RoPE tables (2 x positions x head_dim fp32) are built when a model is, from the
+# recipe or an HF config.json; 1M positions (256x OpenELM's 4096) keeps them under 1 GiB at d_h 128.
+_MAX_POSITIONS = 1 << 20
 
 
 class FieldProblems(ValueError):
@@ -80,9 +83,9 @@ class ModelConfig(_Frozen):
     )
     positional_embedding: Literal["rope"] = "rope"
     rope_freq_constant: Float = Field(default=10000.0, gt=1)
-    rope_max_length: Int = Field(default=4096, ge=1, le=1 << 24, description="Positions in the RoPE cache.")
+    rope_max_length: Int = Field(default=4096, ge=1, le=_MAX_POSITIONS, description="Positions in the RoPE cache.")
     activation: Literal["swiglu"] = "swiglu"
-    context_length: Int = Field(ge=1, le=1 << 24, description="Training sequence length.")
+    context_length: Int = Field(ge=1, le=_MAX_POSITIONS, description="Training sequence length.")
     vocab_size: Int = Field(ge=2, le=1 << 24, description="Vocabulary of the released (HF) checkpoints.")
     padded_vocab_size: Int = Field(
         ge=2, le=1 << 24, description="Embedding rows used in training (pad + padding)."

@@ -120,15 +120,6 @@ def _resolve_filters(recipe, min_chars: int | None, min_tokens: int | None) -> t
     return min_chars, min_tokens
 
 
-def _clean_folder(out: Path) -> None:
-    """Remove the manifest first (so the folder reads as incomplete), then old shards/tmp files."""
-    (out / "manifest.json").unlink(missing_ok=True)
-    for p in out.iterdir():
-        if p.name.startswith(("train-", "val-")) and p.name.endswith((".bin", ".bin.tmp")):
-            p.unlink()
-    (out / "manifest.json.tmp").unlink(missing_ok=True)
-
-
 def prepare_pretrain(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -154,12 +145,16 @@ def prepare_pretrain(
         min_chars, min_tokens: drop shorter documents (default: the recipe's, else 200 and 256).
         val_fraction: share of documents (chosen by text hash) held out as ``val``.
         txt_split: ``file`` (a .txt file is one document) or ``lines`` (each non-empty line is one).
-        force: rebuild even when the manifest says the folder is up to date.
+        force: rebuild even when the manifest says the folder is up to date; write into a
+            non-empty folder without an elmctl manifest (its files are left alone), or over
+            another kind of prepared data.
         progress: called as ``progress(bytes_done, bytes_total, tokens_written)``.
 
     Raises:
         UsageError: unreadable, empty or corrupt input (file and line named); nothing left after
-            the filters; a tokenizer larger than the recipe's vocabulary. No manifest is written.
+            the filters; a tokenizer larger than the recipe's vocabulary; an ``out_dir`` that is a
+            file, or holds files elmctl did not write (see :class:`~elmctl.data._manifest.OutputFolder`).
+            No manifest is written.
     """
     if recipe is not None and isinstance(recipe, (str, os.PathLike)):
         from elmctl.config import load_recipe
@@ -168,6 +163,8 @@ def prepare_pretrain(
     if not inputs:
         raise UsageError("no inputs given", "pass one or more .txt/.jsonl/.jsonl.gz/.parquet files")
     paths = [Path(p).expanduser() for p in inputs]
+    out = Path(out_dir).expanduser()
+    mf.check_out_dir(out)
     for p in paths:
         input_format(p)
         if not p.is_file():
@@ -183,22 +180,21 @@ def prepare_pretrain(
         check_vocab(tok, recipe)
     min_chars, min_tokens = _resolve_filters(recipe, min_chars, min_tokens)
     dtype = token_dtype(tok.vocab_size)
-    out = Path(out_dir).expanduser()
     options = {
         "text_key": text_key, "min_chars": min_chars, "min_tokens": min_tokens, "val_fraction": val_fraction,
         "shard_tokens": shard_tokens, "txt_split": txt_split,
     }  # fmt: skip
     old = mf.read_manifest(out) if out.is_dir() else None
+    old = old if mf.is_elmctl_manifest(old) else None  # someone else's manifest.json: not ours to read
     described = mf.describe_inputs(paths, old)
     fingerprint = mf.build_fingerprint("pretrain", tok.fingerprint, options, described)
     if not force and out.is_dir() and mf.is_up_to_date(out, old, fingerprint):
         return PrepareResult(out, old, True)
 
-    out.mkdir(parents=True, exist_ok=True)
-    _clean_folder(out)
+    folder = mf.OutputFolder.claim(out, "pretrain", ("train", "val"), force=force)
     workers = max(1, workers or os.cpu_count() or 1)
     opts = {**options, "dtype": dtype}
-    writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
+    writers = {s: ShardWriter(out, s, dtype, shard_tokens, folder.add) for s in ("train", "val")}
     docs = {"train": 0, "val": 0}
     dropped = {"too_few_chars": 0, "too_few_tokens": 0}
     counts = np.zeros(tok.vocab_size, dtype=np.int64)
@@ -244,6 +240,7 @@ def prepare_pretrain(
     except BaseException:
         for w in writers.values():
             w.abort()
+        folder.release()
         raise
 
     p = counts[counts > 0] / counts.sum()
@@ -272,6 +269,6 @@ def prepare_pretrain(
         "files": files,
         "inputs": described,
     }
-    mf.write_json_atomic(out / "manifest.json", manifest)
+    folder.commit(manifest)
     return PrepareResult(out, manifest, False)
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from elmctl._files import MAX_JSONL_LINE_BYTES, human_bytes
 from elmctl.errors import UsageError
 
 __all__ = ["Batch", "SUFFIXES", "input_format", "iter_batches", "parse_batch", "iter_records"]
@@ -61,7 +62,11 @@ def iter_batches(
         yield from _parquet_batches(path, text_key, batch_bytes)
         return
     if fmt == ".txt" and txt_split == "file":
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_JSONL_LINE_BYTES + 1)
+        if len(data) > MAX_JSONL_LINE_BYTES:
+            raise UsageError(f"{path}: one document of over {human_bytes(MAX_JSONL_LINE_BYTES)} (the limit per "
+                             "document)", "split it, or pass --txt-split lines to read one document per line")
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -77,7 +82,12 @@ def iter_batches(
     lineno = 0
     try:
         with _open_lines(path, fmt) as f:
-            for lineno, line in enumerate(f, 1):
+            # readline(limit): a file with no newline is refused at the limit, never read whole
+            for lineno, line in enumerate(iter(lambda: f.readline(MAX_JSONL_LINE_BYTES + 1), b""), 1):
+                if len(line) > MAX_JSONL_LINE_BYTES and not line.endswith(b"\n"):
+                    raise UsageError(f"{path}:{lineno}: line longer than {human_bytes(MAX_JSONL_LINE_BYTES)} "
+                                     "(the limit per line: one document or record)",
+                                     "check that this is a text or JSON-lines file; split very long documents")
                 if not line.strip():
                     continue
                 lines.append(lineno)
@@ -127,6 +137,39 @@ def _parquet_batches(path: Path, text_key: str, batch_bytes: int) -> Iterator[Ba
         row += len(texts)
 
 
+def _may_hold_surrogates(raw: bytes) -> bool:
+    """Cheap pre-check: only a ``\\uD800``-``\\uDFFF`` escape can put a lone surrogate in parsed JSON."""
+    return b"\\ud" in raw or b"\\uD" in raw
+
+
+def _unicode_problem(value: Any, field: str) -> str | None:
+    """None, or where ``value`` (a JSON value) holds a string that is not valid Unicode and why."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            char = value[exc.start]
+            return (f"{field} is not valid Unicode: a lone surrogate U+{ord(char):04X} at character {exc.start} "
+                    "(a \\uD800-\\uDFFF escape without its pair)")
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        sub = f"{field}.{key}" if isinstance(key, str) else f"{field}[{key}]"
+        found = _unicode_problem(item, sub)
+        if found:
+            return found
+    return None
+
+
+_UNICODE_HINT = "fix or remove that record: text must be valid Unicode"
+
+
+def _json_problem(exc: Exception) -> str:
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).split("; use sys.")[0]  # Python's advice on its integer-digit limit is not for users
+
+
 def parse_batch(batch: Batch, text_key: str) -> list[str]:
     """Texts of a batch (parses JSON lines). Raises UsageError naming file and line."""
     if batch.kind == "text":
@@ -135,14 +178,18 @@ def parse_batch(batch: Batch, text_key: str) -> list[str]:
     for line, raw in zip(batch.lines, batch.items):
         try:
             obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{batch.path}:{line}: bad JSON ({exc})") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, 4301+ digits, deep nesting
+            raise UsageError(f"{batch.path}:{line}: bad JSON ({_json_problem(exc)})") from None
         if not isinstance(obj, dict) or text_key not in obj:
             keys = ", ".join(obj) if isinstance(obj, dict) else type(obj).__name__
             raise UsageError(f"{batch.path}:{line}: no {text_key!r} key (has: {keys})", "pass --text-key NAME")
         text = obj[text_key]
         if not isinstance(text, str):
             raise UsageError(f"{batch.path}:{line}: {text_key!r} is {type(text).__name__}, not a string")
+        if _may_hold_surrogates(raw):
+            problem = _unicode_problem(text, repr(text_key))
+            if problem:
+                raise UsageError(f"{batch.path}:{line}: {problem}", _UNICODE_HINT)
         texts.append(text)
     return texts
 
@@ -160,10 +207,14 @@ def iter_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         for line, raw in zip(b.lines, b.items):
             try:
                 obj = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise UsageError(f"{path}:{line}: bad JSON ({exc})") from exc
+            except (ValueError, RecursionError) as exc:  # as in parse_batch
+                raise UsageError(f"{path}:{line}: bad JSON ({_json_problem(exc)})") from None
             if not isinstance(obj, dict):
                 raise UsageError(f"{path}:{line}: expected a JSON object, got {type(obj).__name__}")
+            if _may_hold_surrogates(raw):
+                problem = next(filter(None, (_unicode_problem(v, k) for k, v in obj.items())), None)
+                if problem:
+                    raise UsageError(f"{path}:{line}: {problem}", _UNICODE_HINT)
             yield line, obj
 
 

@@ -14,8 +14,9 @@ DPOTrainer: if prompt + longer completion exceeds ``max_length``, the prompt is 
 ``max_prompt_length`` (``keep_end``, TRL's default: its start is dropped, but BOS stays first);
 if still too long, completions are cut to ``max_length - len(prompt)`` and keep their final EOS.
 
-Split: a record's ``split`` field when present (values containing "test" -> test, else train),
-otherwise a hash of the prompt text (so all pairs of one prompt land in the same split).
+Split: a record's ``split`` field when present and not null (a string naming either "test" or
+"train", any case: ``test``, ``test_prefs``, ``train_sft``...; anything else is an error naming the
+file and line), otherwise a hash of the prompt text (so all pairs of one prompt land in the same split).
 
 Layout: ``{split}-00000.bin`` (all token ids of the split, dtype in the manifest) and
 ``{split}-index.npy`` (int64 ``[N, 4]``: offset, prompt_len, chosen_len, rejected_len; a pair's
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,11 +131,19 @@ def truncate_pair(
     return prompt, chosen, rejected, cut
 
 
-def _split_of(rec: dict, prompt_text: str, test_fraction: float) -> str:
+def _split_of(rec: dict, prompt_text: str, test_fraction: float, where: str) -> str:
     value = rec.get("split")
+    if value is None:
+        return "test" if doc_fraction(prompt_text) < test_fraction else "train"
     if isinstance(value, str):
-        return "test" if "test" in value.lower() else "train"
-    return "test" if doc_fraction(prompt_text) < test_fraction else "train"
+        is_test, is_train = "test" in value.lower(), "train" in value.lower()
+        if is_test != is_train:
+            return "test" if is_test else "train"
+    raise UsageError(
+        f"{where}: unknown split {json.dumps(value)} (expected a value containing either \"train\" or \"test\", "
+        "such as train, test, train_prefs, test_prefs)",
+        "rename the split values, or drop the field (or set it to null) to split by prompt hash (--test-fraction)",
+    )
 
 
 def prepare_preference(
@@ -154,8 +164,13 @@ def prepare_preference(
 
     ``max_length``/``max_prompt_length`` default to the recipe's instruct values, else 1024/512.
 
+    ``force`` rebuilds an up-to-date folder, writes into a non-empty folder without an elmctl
+    manifest (its files are left alone), or replaces another kind of prepared data.
+
     Raises:
-        UsageError: bad/empty input (file and line named), bad lengths, tokenizer too large.
+        UsageError: bad/empty input (file and line named: bad JSON, text that is not valid Unicode,
+            an unknown ``split`` value), bad lengths, tokenizer too large, an ``out_dir`` that is a
+            file or holds files elmctl did not write (see :class:`~elmctl.data._manifest.OutputFolder`).
     """
     if kind not in ("preference", "sft"):
         raise UsageError(f"unknown kind {kind!r} for pair data", "use preference or sft")
@@ -175,6 +190,8 @@ def prepare_preference(
     if not 0 <= test_fraction < 1:
         raise UsageError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     paths = [Path(p).expanduser() for p in inputs]
+    out = Path(out_dir).expanduser()
+    mf.check_out_dir(out)
     for p in paths:
         if not p.is_file():
             raise UsageError(f"input not found: {p}")
@@ -182,23 +199,18 @@ def prepare_preference(
     if recipe is not None:
         check_vocab(tok, recipe)
     dtype = token_dtype(tok.vocab_size)
-    out = Path(out_dir).expanduser()
     options = {
         "max_length": max_length, "max_prompt_length": max_prompt_length, "test_fraction": test_fraction,
         "truncation_mode": truncation_mode, "template": TEMPLATE_NAME,
     }  # fmt: skip
     old = mf.read_manifest(out) if out.is_dir() else None
+    old = old if mf.is_elmctl_manifest(old) else None  # someone else's manifest.json: not ours to read
     described = mf.describe_inputs(paths, old)
     fingerprint = mf.build_fingerprint(kind, tok.fingerprint, options, described)
     if not force and out.is_dir() and mf.is_up_to_date(out, old, fingerprint):
         return PrepareResult(out, old, True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").unlink(missing_ok=True)
-    for p in out.glob("t*-*.*"):
-        if p.name.startswith(("train-", "test-")):
-            p.unlink()
-
-    writers = {s: ShardWriter(out, s, dtype, 1 << 62) for s in ("train", "test")}
+    folder = mf.OutputFolder.claim(out, kind, ("train", "test"), force=force)
+    writers = {s: ShardWriter(out, s, dtype, 1 << 62, folder.add) for s in ("train", "test")}
     index: dict[str, list[tuple[int, int, int, int]]] = {"train": [], "test": []}
     stats = {"read": 0, "truncated": 0, "dropped_identical": 0}
     total = sum(d["size"] for d in described)
@@ -224,7 +236,7 @@ def prepare_preference(
                     bos_id=tok.bos_id, eos_id=tok.eos_id, mode=truncation_mode,
                 )  # fmt: skip
                 stats["truncated"] += int(cut)
-                split = _split_of(rec, format_prompt(p_msgs), test_fraction)
+                split = _split_of(rec, format_prompt(p_msgs), test_fraction, where)
                 w = writers[split]
                 index[split].append((w.num_tokens, len(prompt), len(chosen), len(rejected)))
                 w.write(np.asarray(prompt + chosen + rejected, dtype=np.int64))
@@ -243,6 +255,7 @@ def prepare_preference(
             np.save(buf, arr)
             data = buf.getvalue()
             name = f"{split}-index.npy"
+            folder.add(name)
             tmp = out / (name + ".tmp")
             tmp.write_bytes(data)
             os.replace(tmp, out / name)
@@ -251,6 +264,7 @@ def prepare_preference(
     except BaseException:
         for w in writers.values():
             w.abort()
+        folder.release()
         raise
     manifest = {
         "kind": kind,
@@ -271,7 +285,7 @@ def prepare_preference(
         "files": files,
         "inputs": described,
     }
-    mf.write_json_atomic(out / "manifest.json", manifest)
+    folder.commit(manifest)
     return PrepareResult(out, manifest, False)
 
 

@@ -3,12 +3,15 @@
 Layout of a prepared folder (``elmctl data prepare`` / ``elmctl data demo``)::
 
     manifest.json          written last; its absence means "incomplete, rebuild"
+    manifest.partial.json  only while a build runs (or after it crashed): the names it may create
     train-00000.bin ...    flat little-endian token ids (dtype in the manifest: uint16 or uint32)
     val-00000.bin ...      the held-out split (documents chosen by hash of their text)
 
 Each document is stored as ``[BOS] ids [EOS]`` (BOS only when the tokenizer has one), as CoreNet's
 SentencePiece pipeline does, and documents follow each other without padding: a split is one long
 token stream cut into shards of ``shard_tokens`` tokens (a document may straddle two shards).
+Other files in the folder are the user's: a rebuild deletes only what the old manifest lists
+(see :class:`elmctl.data._manifest.OutputFolder`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -37,8 +40,10 @@ class ShardWriter:
     never leaves a file with a final name and partial contents.
     """
 
-    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int):
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int,
+                 on_new_file: Callable[[str], None] | None = None):
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, np.dtype(dtype), shard_tokens
+        self.on_new_file = on_new_file  # told each shard name before its file is created (the build journal)
         self.files: list[dict[str, Any]] = []
         self.num_tokens = 0
         self._f = None
@@ -49,7 +54,9 @@ class ShardWriter:
         name = shard_name(self.split, len(self.files))
         self._tmp = self.folder / (name + ".tmp")
         self._name = name
-        self._f = open(self._tmp, "wb")
+        if self.on_new_file is not None:
+            self.on_new_file(name)
+        self._f = open(self._tmp, "xb")  # never through a file (or link) someone else left there
         self._hash = hashlib.sha256()
         self._in_shard = 0
 

@@ -178,13 +178,27 @@ def test_rerun_is_a_noop_and_changes_rebuild(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["status"] == "built" and shard.exists()
 
 
+def killed_midway(*args, after_tokens: int, **kwargs) -> None:
+    """prepare_pretrain in a forked child that dies once it wrote ``after_tokens`` (os._exit: like kill -9)."""
+    import multiprocessing as mp
+
+    def die(done, total, tokens):
+        if tokens >= after_tokens:
+            os._exit(9)
+
+    child = mp.get_context("fork").Process(target=prepare_pretrain, args=args, kwargs={**kwargs, "progress": die})
+    child.start()
+    child.join(60)
+    assert child.exitcode == 9
+
+
 def test_interrupted_run_is_rebuilt(tmp_path):
     src = write_jsonl(tmp_path / "a.jsonl", DOCS)
     out = tmp_path / "out"
     good = prepare_pretrain([src], out, "byte", shard_tokens=500, **LOOSE).manifest
-    # simulate a crash mid-way: no manifest, a half-written .tmp shard, a truncated final shard
-    (out / "manifest.json").unlink()
-    (out / "train-00003.bin.tmp").write_bytes(b"\0" * 10)
+    # a rebuild killed mid-way: no manifest, complete shards, a half-written .tmp shard; plus a truncated shard
+    killed_midway([src], out, "byte", shard_tokens=500, force=True, batch_bytes=256, after_tokens=1200, **LOOSE)
+    assert list(out.glob("train-*.bin.tmp")) and not (out / "manifest.json").exists()
     (out / "train-00001.bin").write_bytes(b"\0" * 4)
     with pytest.raises(UsageError, match="no complete manifest"):
         TokenDataset(out)
