@@ -12,12 +12,14 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from elmctl.errors import RuntimeFailure
 
-__all__ = ["pid_alive", "process_start_token", "signal_run", "Supervised", "start_supervised", "run_supervised", "DEFAULT_GRACE_S"]
+__all__ = ["pid_alive", "process_start_token", "process_start_time", "signal_run", "Supervised", "start_supervised",
+           "run_supervised", "DEFAULT_GRACE_S"]
 
 DEFAULT_GRACE_S = 30.0
 
@@ -27,6 +29,22 @@ def process_start_token(pid: int) -> str | None:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
+        return None
+
+
+def process_start_time(pid: int) -> float | None:
+    """When process ``pid`` started, in Unix seconds; None where /proc cannot say (or it is gone).
+
+    Tells a run's owner apart from a later process that reused its pid: one that started after
+    the run ended cannot be the process still finishing it.
+    """
+    token = process_start_token(pid)
+    if token is None:
+        return None
+    try:  # its age from uptime (10 ms resolution; /proc/stat's btime is whole seconds)
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime_s - int(token) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
         return None
 
 

@@ -25,15 +25,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sqlite3
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from elmctl.errors import RuntimeFailure, UsageError
 from elmctl.store._records import home
@@ -184,6 +185,44 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def make_readonly_engine(url: str) -> Engine | None:
+    """A read-only, lock-free engine on a SQLite file, for reading a store that cannot be written.
+
+    Opening a WAL database normally writes (its ``-shm``/``-wal`` files): on a full disk or a
+    read-only file that fails, and so would every read-only command. ``immutable=1`` reads the
+    file as it is, without locks or WAL; commits a live writer still holds in its ``-wal`` file
+    are not seen, which is fine for a listing and the reason this is only a fallback. None for
+    anything but a SQLite file (servers and in-memory databases have no such problem).
+    """
+    from urllib.parse import quote
+
+    try:
+        u = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if u.get_backend_name() != "sqlite" or is_memory_sqlite(u):
+        return None
+    db_path = Path(u.database).expanduser().resolve()
+    if not db_path.is_file():
+        return None
+    uri = f"file:{quote(str(db_path))}?mode=ro&immutable=1"
+    engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(uri, uri=True, check_same_thread=False),
+                           poolclass=NullPool)
+    _install_sqlite_settings(engine, memory=True, read_only=True)
+    return engine
+
+
+#: what SQLite says when a store is on a full disk or cannot be written (then reads fall back)
+_UNWRITABLE = ("disk i/o error", "database or disk is full", "readonly database", "read-only",
+               "unable to open database file")
+
+
+def unwritable(reason: str) -> bool:
+    """True for an SQLite error that means the file (or its disk) cannot be written."""
+    low = reason.lower()
+    return any(k in low for k in _UNWRITABLE)
+
+
 def lock_schema(conn: Connection) -> None:
     """Serialise table creation between processes on PostgreSQL (no-op elsewhere).
 
@@ -196,7 +235,7 @@ def lock_schema(conn: Connection) -> None:
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})")
 
 
-def _install_sqlite_settings(engine: Engine, *, memory: bool) -> None:
+def _install_sqlite_settings(engine: Engine, *, memory: bool, read_only: bool = False) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:
         # Autocommit at the driver level: BEGIN is issued by _on_begin, so write transactions can
@@ -206,7 +245,8 @@ def _install_sqlite_settings(engine: Engine, *, memory: bool) -> None:
         cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         if not memory:
             cur.execute("PRAGMA journal_mode = WAL")
-        cur.execute("PRAGMA synchronous = NORMAL")
+        if not read_only:
+            cur.execute("PRAGMA synchronous = NORMAL")
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
 
@@ -226,6 +266,9 @@ def _hint(reason: str, url: str) -> str:
         return "check the user name and password in the URL (--store / ELMCTL_STORE), or the server's pg_hba.conf"
     if "database" in reason and "does not exist" in reason:
         return "create it first (e.g. createdb -O USER NAME on the server), or fix the name in --store / ELMCTL_STORE"
+    if url.startswith("sqlite") and unwritable(reason):
+        return ("the store's file or its disk cannot be written (disk full? read-only?): free space there "
+                "(df -h), or pick another file with --store / ELMCTL_STORE; read-only commands still work")
     if "locked" in reason or "busy" in reason:
         return ("another process held the SQLite write lock for over 30 s; with many machines or "
                 "writers use --store postgresql://...")
@@ -235,18 +278,27 @@ def _hint(reason: str, url: str) -> str:
 
 
 @contextmanager
-def transaction(engine: Engine, url: str, *, write: bool) -> Iterator[Connection]:
+def transaction(engine: Engine, url: str, *, write: bool,
+                read_fallback: Callable[[], Engine | None] | None = None) -> Iterator[Connection]:
     """The store's only transaction boundary: commit on success, roll back on any error.
 
     SQLAlchemy errors come out as RuntimeFailure naming the store; errors raised by the caller's
-    block (UsageError, ...) pass through unchanged after the rollback.
+    block (UsageError, ...) pass through unchanged after the rollback. A read whose connection
+    cannot be opened because the file or disk cannot be written (full disk, read-only file) is
+    retried on ``read_fallback()`` (see :func:`make_readonly_engine`), so listing still works.
     """
     shown = display_url(url)
     try:
         conn_cm = engine.connect()
     except SQLAlchemyError as exc:
         reason = _reason(exc)
-        raise RuntimeFailure(f"cannot open store {shown}: {reason}", hint=_hint(reason, url)) from exc
+        fallback = read_fallback() if (read_fallback is not None and not write and unwritable(reason)) else None
+        if fallback is None:
+            raise RuntimeFailure(f"cannot open store {shown}: {reason}", hint=_hint(reason, url)) from exc
+        try:
+            conn_cm = fallback.connect()
+        except SQLAlchemyError:
+            raise RuntimeFailure(f"cannot open store {shown}: {reason}", hint=_hint(reason, url)) from exc
     try:
         with conn_cm as conn:
             if write:

@@ -8,10 +8,16 @@ Contract (tested by tests/unit/test_store.py against in-memory and file SQLite):
 - A run is named by its id, a unique id prefix (>= 4 characters) or its name; anything else is a
   UsageError with a "did you mean" and the command that lists runs.
 - Safe to use from several processes; one Store object may be shared by threads.
+- A run is taken for a resume with :meth:`Store.claim_run` (check and take in one transaction), so
+  two processes never train one run.
+- Reads work on a store that cannot be written (full disk, read-only file): a SQLite file is then
+  read without locks (see ``_engine.make_readonly_engine``), and dead runs that cannot be marked
+  are shown failed without being saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -20,15 +26,16 @@ import secrets
 import socket
 import time
 from collections.abc import Iterable, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, delete, func, insert, inspect, select, update
 from sqlalchemy.engine import Connection
 
-from elmctl.errors import UsageError
+from elmctl.errors import RuntimeFailure, UsageError
 from elmctl.store import _tables as T
-from elmctl.store._engine import display_url, lock_schema, make_engine, resolve_url, transaction
+from elmctl.store._engine import display_url, lock_schema, make_engine, make_readonly_engine, resolve_url, transaction
 from elmctl.store._records import (
     STATUSES,
     TERMINAL_STATUSES,
@@ -85,11 +92,19 @@ class Store:
         self.url = resolve_url(url)  # full URL (password included), e.g. for optuna.storages.RDBStorage
         self.display_url = display_url(self.url)
         self._engine = make_engine(self.url)
+        self._ro_engine: Any = None  # made on first need: see _read_only_engine
+        self._unsaved_dead: dict[str, str] = {}  # dead runs the store could not be told about
         self._ensure_schema()
 
     # -- plumbing -----------------------------------------------------------------------------
     def _tx(self, *, write: bool):
-        return transaction(self._engine, self.url, write=write)
+        return transaction(self._engine, self.url, write=write, read_fallback=None if write else self._read_only_engine)
+
+    def _read_only_engine(self):
+        """The fallback for reads when the store's file or disk cannot be written (None: no fallback)."""
+        if self._ro_engine is None:
+            self._ro_engine = make_readonly_engine(self.url) or False
+        return self._ro_engine or None
 
     def _ensure_schema(self) -> None:
         names = [t.name for t in T.ALL_TABLES]
@@ -114,6 +129,8 @@ class Store:
     def close(self) -> None:
         """Release pooled connections (the Store must not be used afterwards)."""
         self._engine.dispose()
+        if self._ro_engine:
+            self._ro_engine.dispose()
 
     def __enter__(self) -> Store:
         return self
@@ -202,6 +219,56 @@ class Store:
             conn.execute(update(T.runs).where(T.runs.c.id == rid).values(**values))
             return _to_record(conn.execute(select(T.runs).where(T.runs.c.id == rid)).one())
 
+    def claim_run(self, run_id: str, *, pid: int | None = None, devices: str | None = None,
+                  reopen: bool = True) -> RunRecord:
+        """Take a run for process ``pid`` (default: this one), atomically: check and write in one transaction.
+
+        The run becomes ``queued`` with this host and ``pid`` as its owner (error and end time
+        cleared), so a second claimer sees the first one. Two ``pretrain --resume`` started at the
+        same instant cannot both pass: the check runs under the write lock (SQLite ``BEGIN
+        IMMEDIATE``, PostgreSQL ``FOR UPDATE``). ``reopen=False`` (a sweep trial taking the run its
+        driver recorded) only takes a run that has not ended: a cancelled trial is never revived.
+
+        Raises:
+            UsageError: another live process on this host owns the run (queued or running, or
+                cancelled while it still stops), the run is active on another host (its pid cannot
+                be checked from here), or it has ended and ``reopen`` is False.
+        """
+        from elmctl.launch.supervise import pid_alive, process_start_time
+
+        pid = os.getpid() if pid is None else int(pid)
+        host = socket.gethostname()
+        with self._tx(write=True) as conn:
+            rid = self._resolve_id(conn, run_id)
+            current = _to_record(conn.execute(select(T.runs).where(T.runs.c.id == rid).with_for_update()).one())
+            owner = current.pid if current.pid and current.pid != pid else None
+            owner_here = owner is not None and current.host == host and pid_alive(owner)
+            if current.is_active and owner_here:
+                doing = "being resumed by" if current.status == "queued" else "already running as"
+                raise UsageError(f"run {current.label} is {doing} pid {owner}",
+                                 hint="wait for it or stop it first (elmctl runs cancel " + current.label + ")")
+            if current.is_active and owner is not None and current.host != host:
+                raise UsageError(
+                    f"run {current.label} is {current.status} on host {current.host} (pid {owner})",
+                    hint=f"stop it there first; if that machine is gone, mark it with: elmctl runs cancel {current.label}")
+            if current.status == "cancelled" and owner_here and current.ended_at:
+                # `runs cancel` marks a run at once, while its process still stops: a trainer writing
+                # its last checkpoint, a --wait waiter about to notice. (Other end states are written
+                # by the owner itself when it is done with the folder.) A process that started after
+                # the end merely reuses the pid (a second's slack for clock resolution).
+                started = process_start_time(owner)
+                if started is None or started < datetime.fromisoformat(current.ended_at).timestamp() + 1.0:
+                    raise UsageError(f"run {current.label} is {current.status} but its process (pid {owner}) "
+                                     "is still stopping", hint="wait for it to exit, then resume")
+            if not reopen and current.status in TERMINAL_STATUSES:
+                raise UsageError(f"run {current.label} already ended ({current.status})",
+                                 hint="it is not started again; see it with: elmctl runs show " + current.label)
+            values: dict[str, Any] = {"status": "queued", "error": None, "ended_at": None, "pid": pid, "host": host}
+            if devices is not None:
+                values["devices"] = devices
+            conn.execute(update(T.runs).where(T.runs.c.id == rid).values(**values))
+            return _to_record(conn.execute(select(T.runs).where(T.runs.c.id == rid)).one())
+
     def update_run(self, run_id: str, **fields: Any) -> RunRecord:
         """Change fields of a run (id or name) and return the updated record.
 
@@ -260,7 +327,7 @@ class Store:
         """
         with self._tx(write=False) as conn:
             rid = self._resolve_id(conn, id_or_name)
-            return _to_record(conn.execute(select(T.runs).where(T.runs.c.id == rid)).one())
+            return self._shown(_to_record(conn.execute(select(T.runs).where(T.runs.c.id == rid)).one()))
 
     def list_runs(
         self,
@@ -284,7 +351,7 @@ class Store:
         if limit is not None:
             q = q.limit(limit)
         with self._tx(write=False) as conn:
-            return [_to_record(r) for r in conn.execute(q)]
+            return [self._shown(_to_record(r)) for r in conn.execute(q)]
 
     def mark_dead_runs(self) -> list[RunRecord]:
         """Fail runs whose owning process on this host is gone; return them (now ``failed``).
@@ -304,15 +371,28 @@ class Store:
         dead = [r for r in rows if not pid_alive(int(r.pid))]
         marked = []
         for r in dead:
-            with self._tx(write=True) as conn:
-                # Re-check under the write lock: the run may have finished meanwhile.
-                n = conn.execute(
-                    update(T.runs).where(c.id == r.id, c.status == r.status, c.pid == r.pid)
-                    .values(status="failed", error="process died", ended_at=utc_now())
-                ).rowcount
-                if n:
-                    marked.append(_to_record(conn.execute(select(T.runs).where(c.id == r.id)).one()))
+            try:
+                with self._tx(write=True) as conn:
+                    # Re-check under the write lock: the run may have finished meanwhile.
+                    n = conn.execute(
+                        update(T.runs).where(c.id == r.id, c.status == r.status, c.pid == r.pid)
+                        .values(status="failed", error="process died", ended_at=utc_now())
+                    ).rowcount
+                    if n:
+                        marked.append(_to_record(conn.execute(select(T.runs).where(c.id == r.id)).one()))
+            except RuntimeFailure:
+                # The store cannot be written (full disk, read-only file): read-only commands must
+                # still work, so this Store shows the run as failed without saving it.
+                self._unsaved_dead[r.id] = "process died (not saved: the store cannot be written)"
+                marked.append(self.get_run(r.id))
         return marked
+
+    def _shown(self, record: RunRecord) -> RunRecord:
+        """``record`` as this Store shows it: a dead run it could not mark is shown failed anyway."""
+        error = self._unsaved_dead.get(record.id)
+        if error is None or record.status not in ("running", "queued"):
+            return record
+        return dataclasses.replace(record, status="failed", error=error, ended_at=record.ended_at or utc_now())
 
     # -- metrics --------------------------------------------------------------------------------
     def log_metrics(self, run_id: str, step: int, values: Mapping[str, float], *, time_s: float | None = None) -> None:

@@ -183,18 +183,20 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
     try:
         pt = recipe.pretrain
         if req.resume:
-            run = store.get_run(req.resume)
-            from elmctl.launch.supervise import pid_alive
-
-            if run.status in ("running", "queued") and run.pid and run.host == os.uname().nodename and pid_alive(run.pid):
-                raise UsageError(f"run {run.label} is still {run.status} (pid {run.pid})", hint="wait for it or stop it first")
-            old = json.loads(Path(run.run_dir, "options.json").read_text())
-            opts = _options(req, plan, run.id, store.url)
-            for key in ("checkpoint_every", "eval_every"):
-                opts[key] = opts[key] or old.get(key)
-            run_dir = Path(run.run_dir)
-            (run_dir / "options.json").write_text(json.dumps(opts, indent=2))
-            store.reopen(run.id, devices=_devices(plan))
+            # Claimed before anything is written: the check ("nobody else owns it") and the take
+            # (queued, owned by this pid) are one store transaction, so of two resumes started at
+            # the same instant one trains and the other stops here, naming the winner's pid.
+            run = store.claim_run(req.resume, devices=_devices(plan))
+            try:
+                old = json.loads(Path(run.run_dir, "options.json").read_text())
+                opts = _options(req, plan, run.id, store.url)
+                for key in ("checkpoint_every", "eval_every"):
+                    opts[key] = opts[key] or old.get(key)
+                run_dir = Path(run.run_dir)
+                (run_dir / "options.json").write_text(json.dumps(opts, indent=2))
+            except BaseException as exc:  # never leave the claim behind as a queued run
+                record_failure(store, run.id, exc)
+                raise
         else:
             # Other nodes of a job started by hand keep their own record; "<name>.node<r>" keeps the
             # same --name on every node from clashing in a shared store (rank 0 owns the run).
@@ -209,6 +211,8 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
             store.update_run(run.id, config={k: v for k, v in opts.items() if k != "store_url"})
         plan.run_dir = str(run_dir)
         if req.slurm:
+            if req.resume:  # the sbatch job owns it from here, not this (exiting) process
+                store.update_run(run.id, pid=None)
             return _write_slurm(req, plan, run, store)
         lease = None
         if plan.device == "cuda":
@@ -234,11 +238,7 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
                 try:
                     result = _run_in_process(run_dir, store.url, on_log, on_event)
                 except BaseException as exc:  # run_pretrain records most failures; never leave it queued
-                    current = store.get_run(run.id)
-                    if current.status in ("running", "queued"):
-                        interrupted = isinstance(exc, KeyboardInterrupt)
-                        store.update_run(run.id, status="cancelled" if interrupted else "failed",
-                                         error="interrupted" if interrupted else f"{type(exc).__name__}: {exc}"[:2000])
+                    record_failure(store, run.id, exc)
                     raise
                 warnings = result.warnings
             else:
@@ -254,6 +254,24 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
         return _result(store, run, run_dir, warnings)
     finally:
         store.close()
+
+
+def record_failure(store, run_id: str, exc: BaseException) -> None:
+    """Mark a still-active run failed (cancelled for Ctrl-C) with ``exc`` as the cause.
+
+    Best effort: when the store cannot be written either (the disk that just filled up holds it
+    too), the caller's exception is what the user must see, not the store's.
+    """
+    from elmctl.errors import ElmctlError
+
+    try:
+        if store.get_run(run_id).status in ("running", "queued"):
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            cause = exc.message if isinstance(exc, ElmctlError) else f"{type(exc).__name__}: {exc}"
+            store.update_run(run_id, status="cancelled" if interrupted else "failed",
+                             error="interrupted" if interrupted else cause[:2000])
+    except ElmctlError:
+        pass
 
 
 def _result(store, run, run_dir: Path, warnings: list[str]) -> dict:

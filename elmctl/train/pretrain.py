@@ -297,8 +297,13 @@ def run_pretrain(
         return PretrainResult(result.status, result.step, result.metrics, warnings, error)
     except BaseException as exc:
         if store is not None and not isinstance(exc, KeyboardInterrupt):
-            store.update_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}"[:2000])
-        event(f"failed: {type(exc).__name__}: {exc}")
+            from elmctl.train.launcher import record_failure
+
+            record_failure(store, run_id, exc)  # best effort: a full disk may hold the store too
+        try:
+            event(f"failed: {type(exc).__name__}: {exc}")
+        except OSError:
+            pass  # the log is on that disk as well; the exception below still says what happened
         raise
     finally:
         event.close()

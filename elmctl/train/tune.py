@@ -251,9 +251,13 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
         return TuneResult(result.status, result.step, dict(last_eval), error)
     except BaseException as exc:
         if store is not None:
-            status = "cancelled" if isinstance(exc, KeyboardInterrupt) else "failed"
-            store.update_run(run_id, status=status, error=f"{type(exc).__name__}: {exc}"[:2000])
-        event(f"failed: {type(exc).__name__}: {exc}")
+            from elmctl.train.launcher import record_failure
+
+            record_failure(store, run_id, exc)  # best effort: a full disk may hold the store too
+        try:
+            event(f"failed: {type(exc).__name__}: {exc}")
+        except OSError:
+            pass  # the log is on that disk as well; the exception below still says what happened
         raise
     finally:
         event.close()

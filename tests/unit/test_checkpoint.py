@@ -62,10 +62,12 @@ def test_interrupted_write_never_becomes_latest(tmp_path, monkeypatch):
         _save(tmp_path, 20)
     root = tmp_path / "checkpoints"
     assert (root / "latest").read_text().strip() == "ckpt-10"
-    assert (root / "ckpt-20.tmp" / "model.safetensors").exists() and not (root / "ckpt-20").exists()
+    assert not (root / "ckpt-20.tmp").exists() and not (root / "ckpt-20").exists()  # the partial one is removed
     found, _ = C.find_resumable(tmp_path)
     assert found.step == 10
     monkeypatch.undo()
+    (root / "ckpt-20.tmp").mkdir()  # what a crash (kill -9) mid-write leaves behind
+    (root / "ckpt-20.tmp" / "model.safetensors").write_bytes(b"partial")
     _save(tmp_path, 20)  # a later save of the same step replaces the stale temp folder
     assert C.find_resumable(tmp_path)[0].step == 20 and not (root / "ckpt-20.tmp").exists()
 
