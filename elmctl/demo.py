@@ -89,10 +89,15 @@ class StageResult:
 
 
 def default_out_dir() -> Path:
-    """``<ELMCTL_HOME>/demo-<YYYYmmdd-HHMMSS>`` (ELMCTL_HOME defaults to ./experiments)."""
+    """``<ELMCTL_HOME>/demo-<YYYYmmdd-HHMMSS>`` (ELMCTL_HOME defaults to ./experiments).
+
+    ``elmctl report`` and ``elmctl runs list`` find the newest such folder's store when the default
+    store does not exist yet (:func:`elmctl.report.store_to_read`), so they show the demo after it.
+    """
+    from elmctl.report import DEMO_PREFIX
     from elmctl.store import home
 
-    return home() / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    return home() / f"{DEMO_PREFIX}{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def demo_config(out_dir: str | os.PathLike | None = None, store_url: str | None = None, quick: bool = False) -> DemoConfig:
@@ -100,7 +105,9 @@ def demo_config(out_dir: str | os.PathLike | None = None, store_url: str | None 
     out = Path(out_dir).expanduser().resolve() if out_dir else default_out_dir()
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not empty", "pick a new --out folder (the demo never overwrites results)")
-    url = store_url or f"sqlite:///{out / 'elmctl.db'}"
+    from elmctl.report import DEMO_STORE
+
+    url = store_url or f"sqlite:///{out / DEMO_STORE}"
     if quick:
         return DemoConfig(out, url, True, docs=2500, pairs=160, test_pairs=64, pretrain_steps=100, warmup_steps=6,
                           sequences_per_step=4, lrs=(1e-5, 1e-4, 1e-3, 1e-2), epochs=(1,))

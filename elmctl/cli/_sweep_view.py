@@ -23,12 +23,17 @@ class LiveView:
         self.driver = driver
         if not self.enabled:
             return
-        done = [t for t in driver.study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED")]
-        self.err.print(f"study [bold]{self.spec.study}[/] in {_short(self.spec.storage_url)}: "
+        from elmctl.sweep.cells import foreign_reason
+
+        done = [t for t in driver.study.get_trials(deepcopy=False)
+                if t.state.name in ("COMPLETE", "PRUNED") and foreign_reason(t) is None]
+        from elmctl.cli._common import safe_markup  # a study's name is shown as it is, never as markup
+
+        self.err.print(f"study [bold]{safe_markup(self.spec.study)}[/] in {safe_markup(_short(self.spec.storage_url))}: "
                        f"{len(self.spec.lrs)} lr x {len(self.spec.epochs)} epochs, {len(self.slots)} slot(s), "
                        f"metric {self.spec.metric}" + (f", {len(done)} cell(s) already done" if done else ""))
         for note in driver.notes:
-            self.err.print(f"[yellow]{note}[/]")
+            self.err.print(f"[yellow]{safe_markup(note)}[/]")
         if self.err.is_terminal:
             from rich.live import Live
 
@@ -46,7 +51,9 @@ class LiveView:
             self.live.update(self._render())
             return
         if kind == "info":
-            self.err.print(f"[yellow]{view}[/]")
+            from elmctl.cli._common import safe_markup
+
+            self.err.print(f"[yellow]{safe_markup(view)}[/]")
         elif kind == "resumed":
             from elmctl.sweep.resume import describe
 
@@ -68,7 +75,9 @@ class LiveView:
     def _render(self):
         from rich.table import Table
 
-        t = Table(title=f"tune-sweep {self.spec.study}", title_justify="left")
+        from elmctl.cli._common import safe_markup
+
+        t = Table(title=f"tune-sweep {safe_markup(self.spec.study)}", title_justify="left")
         for c in ("trial", "lr", "epochs", "slot", "state", "epoch", self.spec.metric, "reward acc", "time", "resumed"):
             t.add_column(c, justify="right" if c not in ("state", "slot", "resumed") else "left")
         views = sorted((self.driver.views.values() if self.driver else []), key=lambda v: v.number)[-20:]
@@ -110,7 +119,9 @@ def print_summary(out, result: dict[str, Any]) -> None:
 
     best = result.get("best") or {}
     paper = result.get("paper") or {}
-    t = Table(title=f"study {result['study']} ({result['metric']}, {result['direction']})", title_justify="left")
+    from elmctl.cli._common import safe_markup
+
+    t = Table(title=f"study {safe_markup(result['study'])} ({result['metric']}, {result['direction']})", title_justify="left")
     both = result["metric"] != "reward_accuracy"  # else the value column already is the reward accuracy
     cols = ("lr", "epochs", "state", result["metric"]) + (("reward acc",) if both else ()) + ("trial", "attempts", "")
     for c in cols:
@@ -153,3 +164,6 @@ def print_summary(out, result: dict[str, Any]) -> None:
         counts[tr["state"]] = counts.get(tr["state"], 0) + 1
     out.print("trials: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
               + (f"; wall time {result.get('wall_s')}s" if result.get("wall_s") is not None else ""))
+    if result.get("ignored"):
+        out.print(f"[yellow]ignored {len(result['ignored'])} trial(s) not made by elmctl (added by hand or by another "
+                  f"tool): not counted, never run again or changed, never the best cell[/]")

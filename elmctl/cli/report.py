@@ -16,11 +16,16 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from elmctl.cli._common import StoreOpt, console, emit_json
+from elmctl.cli._common import StoreOpt, console, emit_json, safe_markup
 from elmctl.errors import UsageError
 
 _STATUS = {"queued": "yellow", "running": "cyan", "completed": "green", "failed": "red", "diverged": "magenta",
            "cancelled": "dim", "COMPLETE": "green", "RUNNING": "cyan", "PRUNED": "magenta", "FAIL": "red", "WAITING": "yellow"}
+
+
+def _u(v: Any) -> str:
+    """User text (names, paths, errors) inside Rich markup, shown as typed (None: nothing)."""
+    return safe_markup("" if v is None else v)
 
 
 class ReportFormat(str, Enum):
@@ -58,6 +63,8 @@ def report_cmd(
     if limit < 1:
         raise UsageError(f"--limit {limit}: must be >= 1")
     src = S.open_source(store)
+    if src.note:  # e.g. reading the latest demo's store: say which store this is
+        console(stderr=True).print(f"[yellow]note:[/] {_u(src.note)}", soft_wrap=True)
     try:
         if study:
             kind, report, title = "study", S.study_report(src, study), f"elmctl sweep report: {study}"
@@ -96,13 +103,38 @@ def _files(src, kind: str, report: dict, title: str, out: Path | None, fmt: Repo
             plots = run_plots(report, folder)
         else:
             picked = [r for r in report["runs"] if r["kind"] == "pretrain"][:6] or [r for r in report["runs"] if r["study"] is None][:6]
-            plots = overview_plots([S.run_report(src, r["id"]) for r in picked],
-                                   [S.study_report(src, s["name"]) for s in report["studies"][:3]], folder)
+            failed: list = []  # notes for runs or studies whose report could not be built
+            runs = [x for x in (_item(S.run_report, src, r["id"], f"run {r['name'] or r['id']}", failed) for r in picked) if x]
+            studies = [x for x in (_item(S.study_report, src, s["name"], f"study {s['name']}", failed)
+                                   for s in report["studies"][:3]) if x]
+            plots = overview_plots(runs, studies, folder) + failed
         if out is None:  # --format html without --out: the document (plots inside) on stdout
             sys.stdout.write(render_html(kind, report, plots, title))
+            _plot_notes(plots)
             return
         page = write_html(folder / "report.html", kind, report, plots, title)
-    console(stderr=True).print(f"wrote {len(plots)} plot(s) and {page} (open it in a browser)")
+    drawn = sum(1 for p in plots if p.path is not None)
+    console(stderr=True).print(f"wrote {drawn} plot(s) and {_u(page)} (open it in a browser)")
+    _plot_notes(plots)
+
+
+def _item(make, src, key: str, what: str, failed: list) -> dict | None:
+    """One run's or study's report for the overview plots; a broken one becomes a note, not a lost report."""
+    from elmctl.report.plots import Plot, plain
+
+    try:
+        return make(src, key)
+    except Exception as exc:  # noqa: BLE001 - one bad item never sinks the whole report
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        failed.append(Plot(None, f"Plots of {plain(what)}", "", error=f"{type(exc).__name__}: {first}"))
+        return None
+
+
+def _plot_notes(plots: list) -> None:
+    err = console(stderr=True)
+    for p in plots:
+        if p.path is None:
+            err.print(f"[yellow]note:[/] {_u(p.title)} could not be drawn ({_u(p.error)}); the report shows a note instead")
 
 
 # ----------------------------------------------------------------------------- plain text helpers
@@ -127,6 +159,11 @@ def _counts(counts: dict) -> str:
     return ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items()))
 
 
+def _study_counts(row: dict) -> str:
+    """An overview study row's trial counts, and how many trials other tools added (ignored)."""
+    return _counts(row["counts"]) + (f", {row['ignored']} ignored (not made by elmctl)" if row.get("ignored") else "")
+
+
 def _cell_text(c: dict | None, key: str, paper: dict | None, lr: float, ep: int) -> tuple[str, float | None]:
     if c is None:
         return "-", None
@@ -140,6 +177,16 @@ def _heat_key(report: dict) -> str:
     return report["metric"] if report["metric"] in ("eval_loss", "reward_accuracy", "reward_margin") else "value"
 
 
+def _ignored(r: dict) -> str:
+    """The study's trials made by other tools, one line (empty when there are none)."""
+    ign = r.get("ignored") or []
+    if not ign:
+        return ""
+    shown = "; ".join(f"#{t['number']} {t['state'].lower()} {_f(t['value'])} ({t['reason']})" for t in ign[:5])
+    return (f"ignored {len(ign)} trial(s) not made by elmctl (added by hand or by another tool; not counted, "
+            f"not in the heat table, never the best cell): {shown}" + (" ..." if len(ign) > 5 else ""))
+
+
 def _per_epoch(t: dict, metric: str) -> str:
     return " ".join(_f(e.get(metric), ".3f") for e in t["per_epoch"])
 
@@ -150,13 +197,13 @@ def _per_epoch(t: dict, metric: str) -> str:
 def _table_overview(out, r: dict) -> None:
     from rich.table import Table
 
-    out.print(f"[dim]store {r['store']}[/]")
+    out.print(f"[dim]store {_u(r['store'])}[/]")
     t = Table(title="recent runs", title_justify="left")
     for c in ("id", "name", "kind", "recipe", "status", "steps", "final loss", "val/eval", "tok/s", "devices", "GPU-h", "wall"):
         t.add_column(c, justify="left" if c in ("id", "name", "kind", "recipe", "status", "devices") else "right")
     for x in r["runs"]:
-        t.add_row(x["id"], x["name"] or "", x["kind"], x["recipe"], f"[{_STATUS.get(x['status'], 'white')}]{_status(x)}[/]",
-                  str(x["step"]), _f(x["final_loss"]), _f(x["val_loss"]), _f(x["tokens_per_s"], ",.0f"), x["devices"],
+        t.add_row(_u(x["id"]), _u(x["name"]), _u(x["kind"]), _u(x["recipe"]), f"[{_STATUS.get(x['status'], 'white')}]{_u(_status(x))}[/]",
+                  str(x["step"]), _f(x["final_loss"]), _f(x["val_loss"]), _f(x["tokens_per_s"], ",.0f"), _u(x["devices"]),
                   _f(x["gpu_hours"], ".2f"), _dur(x["wall_s"]))
     out.print(t if r["runs"] else "[dim]no runs[/]")
     if r["studies"]:
@@ -165,7 +212,7 @@ def _table_overview(out, r: dict) -> None:
             s.add_column(c, justify="right" if c == "best value" else "left")
         for x in r["studies"]:
             b = x["best"]
-            s.add_row(x["name"], str(x["recipe"] or ""), f"{x['metric'] or 'value'} ({x['direction']})", _counts(x["counts"]),
+            s.add_row(_u(x["name"]), _u(x["recipe"]), _u(f"{x['metric'] or 'value'} ({x['direction']})"), _study_counts(x),
                       f"lr {b['params']['lr']:g} x {b['params']['epochs']} ep" if b else "", _f(b["value"]) if b else "")
         out.print(s)
         out.print("[dim]details: elmctl report --study NAME | --run ID   (plots + HTML: add --out DIR)[/]")
@@ -177,12 +224,12 @@ def _table_study(out, r: dict) -> None:
     from elmctl.report.html import heat_colour
 
     key, paper, best = _heat_key(r), r.get("paper"), r.get("best")
-    out.print(f"study [bold]{r['study']}[/] in {r['store']}: metric {r['metric']} ({r['direction']}), recipe {r.get('recipe')}, "
-              f"loss {r.get('loss')}; trials: {_counts(r['counts']) or 'none'}")
+    out.print(f"study [bold]{_u(r['study'])}[/] in {_u(r['store'])}: metric {_u(r['metric'])} ({r['direction']}), "
+              f"recipe {_u(r.get('recipe'))}, loss {_u(r.get('loss'))}; trials: {_counts(r['counts']) or 'none'}")
     heat = r["heat"]
     vals = [c[key] for row in heat["grid"] for c in row if c and c.get(key) is not None]
     lo, hi = (min(vals), max(vals)) if vals else (0.0, 0.0)
-    out.print(f"[bold]{key}[/] by learning rate (rows) x epochs (columns); * best cell, (recipe) the recipe's own cell")
+    out.print(f"[bold]{_u(key)}[/] by learning rate (rows) x epochs (columns); * best cell, (recipe) the recipe's own cell")
     h = Table()
     h.add_column("lr \\ epochs", justify="right")
     for ep in heat["epochs"]:
@@ -201,22 +248,24 @@ def _table_study(out, r: dict) -> None:
     t = Table(title="trials", title_justify="left")
     other = "eval_loss" if r["metric"] == "reward_accuracy" else "reward_accuracy"
     for c in ("#", "lr", "epochs", "state", r["metric"], other, f"{r['metric']} per epoch", "time", "run", "reason"):
-        t.add_column(c, justify="left" if c in ("state", f"{r['metric']} per epoch", "run", "reason") else "right")
+        t.add_column(_u(c), justify="left" if c in ("state", f"{r['metric']} per epoch", "run", "reason") else "right")
     for x in r["trials"]:
         p = x["params"]
         t.add_row(str(x["number"]) + (" *" if best and best["number"] == x["number"] else ""), _f(p.get("lr"), "g"),
                   _f(p.get("epochs")), f"[{_STATUS.get(x['state'], 'white')}]{x['state'].lower()}[/]", _f(x["value"]),
                   _f(x[other], ".4g"), _per_epoch(x, r["metric"] if r["metric"] != "value" else "eval_loss"),
-                  _dur(x["duration_s"]), x["run_id"] or "", x["reason"] or "")
+                  _dur(x["duration_s"]), _u(x["run_id"]), _u(x["reason"]))
     out.print(t)
     if best:
-        out.print(f"best: lr [bold]{best['params']['lr']:g}[/], [bold]{best['params']['epochs']}[/] epochs: {r['metric']} "
-                  f"{best['value']:.4f}, reward accuracy {_f(best.get('reward_accuracy'), '.3f')} (trial {best['number']}, run {best['run_id']})")
+        out.print(f"best: lr [bold]{best['params']['lr']:g}[/], [bold]{best['params']['epochs']}[/] epochs: {_u(r['metric'])} "
+                  f"{best['value']:.4f}, reward accuracy {_f(best.get('reward_accuracy'), '.3f')} (trial {best['number']}, run {_u(best['run_id'])})")
     else:
         out.print("no trial has completed yet")
     if paper:
-        out.print(f"recipe {paper['recipe']} (its own cell): lr {paper['lr']:g}, {paper['epochs']} epochs, {paper.get('loss')}"
-                  f"  [dim]{paper.get('source') or ''}[/]")
+        out.print(f"recipe {_u(paper['recipe'])} (its own cell): lr {paper['lr']:g}, {paper['epochs']} epochs, {_u(paper.get('loss'))}"
+                  f"  [dim]{_u(paper.get('source'))}[/]")
+    if r.get("ignored"):
+        out.print(f"[yellow]{_u(_ignored(r))}[/]")
 
 
 def _table_run(out, r: dict) -> None:
@@ -225,16 +274,16 @@ def _table_run(out, r: dict) -> None:
     from elmctl.report.summary import sparkline
 
     x = r["run"]
-    out.print(f"run [bold]{x['id']}[/] {x['name'] or ''} ({x['kind']}, recipe {x['recipe']}): "
-              f"[{_STATUS.get(x['status'], 'white')}]{_status(x)}[/] at step {x['step']} on {x['devices'] or '?'}, "
+    out.print(f"run [bold]{_u(x['id'])}[/] {_u(x['name'])} ({_u(x['kind'])}, recipe {_u(x['recipe'])}): "
+              f"[{_STATUS.get(x['status'], 'white')}]{_u(_status(x))}[/] at step {x['step']} on {_u(x['devices'] or '?')}, "
               f"wall {_dur(x['wall_s'])}, GPU-hours {_f(x['gpu_hours'], '.3f')}")
     if x.get("error"):
-        out.print(f"[red]error:[/] {x['error']}")
+        out.print(f"[red]error:[/] {_u(x['error'])}")
     t = Table(title="curves", title_justify="left")
     for c in ("metric", "first", "min", "at step", "last", "at step", "trend"):
         t.add_column(c, justify="left" if c in ("metric", "trend") else "right")
     for k, c in r["curves"].items():
-        t.add_row(k, _f(c["first"]), _f(c["min"]), _f(c["min_step"]), _f(c["last"]), _f(c["last_step"]),
+        t.add_row(_u(k), _f(c["first"]), _f(c["min"]), _f(c["min_step"]), _f(c["last"]), _f(c["last_step"]),
                   sparkline(v for _, v in c["points"]))
     out.print(t if r["curves"] else "[dim]no metrics logged yet[/]")
     lr = r["lr"]
@@ -257,21 +306,28 @@ def _table_run(out, r: dict) -> None:
         out.print(e)
     if r["checkpoints"]:
         last = r["checkpoints"][-1]
-        out.print(f"checkpoints: {len(r['checkpoints'])}, latest step {last['step']}: {last['path']}")
+        out.print(f"checkpoints: {len(r['checkpoints'])}, latest step {last['step']}: {_u(last['path'])}")
 
 
 # ----------------------------------------------------------------------------- Markdown and CSV
 
 
 def _md_table(headers: list[str], rows: list[list[str]]) -> str:
-    esc = [[str(c).replace("|", "\\|") for c in row] for row in rows]
-    return "\n".join(["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(r) + " |" for r in esc]) + "\n"
+    esc = [[_md(c) for c in row] for row in rows]
+    return "\n".join(["| " + " | ".join(_md(h) for h in headers) + " |", "|" + "---|" * len(headers)] + ["| " + " | ".join(r) + " |" for r in esc]) + "\n"
+
+
+def _md(text: Any) -> str:
+    """User text in Markdown: one line, control characters shown, table pipes escaped."""
+    from elmctl.report.plots import plain
+
+    return plain(text, None).replace("|", "\\|")
 
 
 def _markdown(kind: str, r: dict, title: str) -> str:
     from elmctl.report.summary import sparkline
 
-    parts = [f"# {title}\n", f"Store: `{r['store']}`\n"]
+    parts = [f"# {_md(title)}\n", f"Store: `{_md(r['store'])}`\n"]
     if kind == "overview":
         parts.append("## Recent runs\n")
         parts.append(_md_table(["id", "name", "kind", "recipe", "status", "steps", "final loss", "val/eval", "tokens/s", "devices", "GPU-hours"],
@@ -279,12 +335,12 @@ def _markdown(kind: str, r: dict, title: str) -> str:
                                  _f(x["val_loss"]), _f(x["tokens_per_s"], ",.0f"), x["devices"], _f(x["gpu_hours"], ".3f")] for x in r["runs"]]))
         parts.append("\n## Studies\n")
         parts.append(_md_table(["study", "recipe", "metric", "trials", "best cell", "best value"],
-                               [[s["name"], str(s["recipe"] or ""), f"{s['metric']} ({s['direction']})", _counts(s["counts"]),
+                               [[s["name"], str(s["recipe"] or ""), f"{s['metric']} ({s['direction']})", _study_counts(s),
                                  f"lr {s['best']['params']['lr']:g} x {s['best']['params']['epochs']}" if s["best"] else "",
                                  _f(s["best"]["value"]) if s["best"] else ""] for s in r["studies"]]))
     elif kind == "study":
         key, paper, heat = _heat_key(r), r.get("paper"), r["heat"]
-        parts.append(f"Metric **{r['metric']}** ({r['direction']}), recipe {r.get('recipe')}, loss {r.get('loss')}; "
+        parts.append(f"Metric **{_md(r['metric'])}** ({r['direction']}), recipe {_md(r.get('recipe'))}, loss {_md(r.get('loss'))}; "
                      f"trials: {_counts(r['counts'])}.\n\n## {key} by learning rate x epochs\n")
         rows = []
         for lr, row in zip(heat["lrs"], heat["grid"]):
@@ -301,13 +357,15 @@ def _markdown(kind: str, r: dict, title: str) -> str:
                                  t["reason"] or ""] for t in r["trials"]]))
         b = r.get("best")
         if b:
-            parts.append(f"\n**Best:** lr {b['params']['lr']:g}, {b['params']['epochs']} epochs, {r['metric']} {b['value']:.4f} (trial {b['number']}).\n")
+            parts.append(f"\n**Best:** lr {b['params']['lr']:g}, {b['params']['epochs']} epochs, {_md(r['metric'])} {b['value']:.4f} (trial {b['number']}).\n")
         if paper:
-            parts.append(f"\n**Recipe {paper['recipe']}:** lr {paper['lr']:g}, {paper['epochs']} epochs ({paper.get('source')}).\n")
+            parts.append(f"\n**Recipe {_md(paper['recipe'])}:** lr {paper['lr']:g}, {paper['epochs']} epochs ({paper.get('source')}).\n")
+        if r.get("ignored"):
+            parts.append(f"\n{_md(_ignored(r))}\n")
     else:
         x = r["run"]
-        parts.append(f"Run `{x['id']}` {x['name'] or ''}: {x['kind']}, recipe {x['recipe']}, {_status(x)} at step {x['step']}, "
-                     f"devices {x['devices']}, wall {_dur(x['wall_s'])}, GPU-hours {_f(x['gpu_hours'], '.3f')}.\n\n## Curves\n")
+        parts.append(f"Run `{_md(x['id'])}` {_md(x['name'] or '')}: {x['kind']}, recipe {_md(x['recipe'])}, {_status(x)} at step {x['step']}, "
+                     f"devices {_md(x['devices'])}, wall {_dur(x['wall_s'])}, GPU-hours {_f(x['gpu_hours'], '.3f')}.\n\n## Curves\n")
         parts.append(_md_table(["metric", "first", "min", "at step", "last", "trend"],
                                [[k, _f(c["first"]), _f(c["min"]), _f(c["min_step"]), _f(c["last"]), sparkline(v for _, v in c["points"])]
                                 for k, c in r["curves"].items()]))

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from elmctl.cli._common import Format, FormatOpt, StoreOpt, console, emit_json, emit_yaml
+from elmctl.cli._common import Format, FormatOpt, StoreOpt, console, emit_json, emit_yaml, safe_markup
 from elmctl.errors import UsageError
 
 runs_app = typer.Typer(
@@ -31,10 +31,37 @@ def register(app: typer.Typer) -> None:
     app.add_typer(runs_app, name="runs")
 
 
-def _open(store_url: str | None):
-    from elmctl.store import Store
+def _u(v: Any) -> str:
+    """User text (names, paths, errors) inside Rich markup, shown as typed (None: nothing)."""
+    return safe_markup("" if v is None else v)
 
-    store = Store(store_url)
+
+def _open(store_url: str | None, *, missing_ok: bool = False):
+    """The store to read: ``--store``/ELMCTL_STORE, else the default, else the latest demo's (said on stderr).
+
+    A SQLite file that does not exist is never created here (these commands only read): with
+    ``missing_ok`` the result is None (``list`` says so), else a UsageError.
+    """
+    from sqlalchemy.engine import make_url
+
+    from elmctl.report import store_to_read
+    from elmctl.store import Store
+    from elmctl.store._engine import is_memory_sqlite
+
+    url, note = store_to_read(store_url)
+    if note:
+        console(stderr=True).print(f"[yellow]note:[/] {_u(note)}", soft_wrap=True)
+    try:
+        u = make_url(url)
+    except Exception:  # noqa: BLE001 - Store() below names the bad URL
+        u = None
+    if u is not None and u.get_backend_name() == "sqlite" and not is_memory_sqlite(u) \
+            and not Path(u.database).expanduser().is_file():
+        if missing_ok:
+            return None
+        raise UsageError(f"no store at {Path(u.database).expanduser()}: nothing has been recorded there yet",
+                         hint="run something first (elmctl demo, elmctl pretrain), or point at a store with --store / ELMCTL_STORE")
+    store = Store(url)
     store.mark_dead_runs()  # a killed run is shown as failed, never as running
     return store
 
@@ -65,7 +92,7 @@ def _local(ts: str | None) -> str:
 
 
 def _status(status: str) -> str:
-    return f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]"
+    return f"[{_STATUS_STYLE.get(status, 'white')}]{_u(status)}[/]"
 
 
 def _list_row(run, loss: float | None) -> dict[str, Any]:
@@ -95,7 +122,15 @@ def list_cmd(
     bad = [s for s in statuses or [] if s not in STATUSES]
     if bad:
         raise UsageError(f"unknown --status {', '.join(bad)}", hint=f"choose from {', '.join(STATUSES)}")
-    store = _open(store_url)
+    store = _open(store_url, missing_ok=True)
+    if store is None:
+        if fmt is not Format.table:
+            return emit_json([]) if fmt is Format.json else emit_yaml([])
+        from elmctl.report import store_to_read
+
+        where = store_to_read(store_url)[0].removeprefix("sqlite:///")
+        console().print(f"no runs: no store at {_u(where)} yet (nothing has been recorded there)", soft_wrap=True)
+        return
     runs = store.list_runs(kind=kind, status=statuses, study=study, limit=limit)
     losses = store.last_metric_values("loss", [r.id for r in runs])
     rows = [_list_row(r, losses.get(r.id)) for r in runs]
@@ -105,17 +140,17 @@ def list_cmd(
         return emit_yaml(rows)
     out = console()
     if not rows:
-        out.print(f"no runs in {store.display_url}" + (" matching the filters" if (kind or statuses or study) else ""))
+        out.print(f"no runs in {_u(store.display_url)}" + (" matching the filters" if (kind or statuses or study) else ""))
         return
     from rich.table import Table
 
-    t = Table(title=f"runs in {store.display_url}", title_justify="left")
+    t = Table(title=f"runs in {_u(store.display_url)}", title_justify="left")
     for col in ("id", "name", "kind", "recipe", "status", "step", "devices", "started", "duration", "loss"):
         t.add_column(col, justify="right" if col in ("step", "duration", "loss") else "left")
     for r, row in zip(runs, rows):
         loss = row["loss"]
         t.add_row(
-            r.id, r.name or "", r.kind, r.recipe_id, _status(r.status), str(r.step), r.devices,
+            _u(r.id), _u(r.name), _u(r.kind), _u(r.recipe_id), _status(r.status), str(r.step), _u(r.devices),
             _local(r.started_at), _duration(r.duration_s),
             "" if r.id not in losses else ("nan" if loss is None else f"{loss:.4g}"),
         )
@@ -142,14 +177,14 @@ def show_cmd(run: RunArg, fmt: FormatOpt = Format.table, store_url: StoreOpt = N
     from rich.table import Table
 
     out = console()
-    t = Table(title=f"run {rec.id}" + (f" ({rec.name})" if rec.name else ""), show_header=False, title_justify="left")
+    t = Table(title=f"run {_u(rec.id)}" + (f" ({_u(rec.name)})" if rec.name else ""), show_header=False, title_justify="left")
     t.add_column("field", style="bold")
     t.add_column("value")
     for key in ("kind", "recipe_id", "status", "step", "devices", "host", "pid", "run_dir", "study", "trial"):
         value = data[key]
         if value is None or value == "":
             continue
-        t.add_row(key, _status(value) if key == "status" else str(value))
+        t.add_row(key, _status(value) if key == "status" else _u(value))
     t.add_row("created", _local(rec.created_at))
     if rec.started_at:
         t.add_row("started", _local(rec.started_at))
@@ -158,21 +193,21 @@ def show_cmd(run: RunArg, fmt: FormatOpt = Format.table, store_url: StoreOpt = N
     if rec.duration_s is not None:
         t.add_row("duration", _duration(rec.duration_s))
     if rec.error:
-        t.add_row("error", f"[red]{rec.error}[/]")
+        t.add_row("error", f"[red]{_u(rec.error)}[/]")
     out.print(t)
     if data["metrics"]:
         m = Table(title="latest metrics", title_justify="left")
         m.add_column("metric")
         m.add_column("value", justify="right")
         for k, v in data["metrics"].items():
-            m.add_row(k, "nan" if v is None else f"{v:.6g}")
+            m.add_row(_u(k), "nan" if v is None else f"{v:.6g}")
         out.print(m)
     if data["checkpoints"]:
         c = Table(title="checkpoints", title_justify="left")
         c.add_column("step", justify="right")
         c.add_column("path")
         for ck in data["checkpoints"]:
-            c.add_row(str(ck["step"]), ck["path"])
+            c.add_row(str(ck["step"]), _u(ck["path"]))
         out.print(c)
 
 
@@ -268,7 +303,7 @@ def cancel_cmd(run: RunArg, store_url: StoreOpt = None) -> None:
     rec = store.get_run(run)
     out = console()
     if rec.status == "cancelled":
-        out.print(f"run {rec.label} is already cancelled")
+        out.print(f"run {_u(rec.label)} is already cancelled")
         return
     if not rec.is_active:
         raise UsageError(f"run {rec.label} already ended ({rec.status}); nothing to cancel",
@@ -278,11 +313,11 @@ def cancel_cmd(run: RunArg, store_url: StoreOpt = None) -> None:
     here = rec.host == socket.gethostname()
     if rec.pid and here and pid_alive(rec.pid):
         signal_run(rec.pid, signal.SIGTERM)
-        out.print(f"run {rec.label}: sent SIGTERM to pid {rec.pid}; marked cancelled")
+        out.print(f"run {_u(rec.label)}: sent SIGTERM to pid {rec.pid}; marked cancelled")
     elif rec.pid and not here and rec.status == "running":
         console(stderr=True).print(
-            f"[yellow]warning:[/] run {rec.label} runs on host {rec.host}; elmctl cannot signal it from here. "
+            f"[yellow]warning:[/] run {_u(rec.label)} runs on host {_u(rec.host)}; elmctl cannot signal it from here. "
             f"Marked cancelled; stop it there with: elmctl runs cancel {rec.id}"
         )
     else:
-        out.print(f"run {rec.label} ({rec.status}) marked cancelled")
+        out.print(f"run {_u(rec.label)} ({rec.status}) marked cancelled")

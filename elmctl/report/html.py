@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from elmctl.report.plots import Plot
+from elmctl.report.plots import Plot, plain
 
 __all__ = ["render_html", "write_html", "heat_colour"]
 
@@ -23,8 +23,14 @@ h1{font-size:1.5em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #dd
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f3f3f3}
 td.l,th.l{text-align:left}.muted{color:#777}.best{font-weight:bold;outline:2px solid #c00}
+.note{background:#fff6e0;border-left:4px solid #e0a000;padding:.4em .8em}
 figure{margin:1.5em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{color:#555;font-size:.9em}
 """
+
+
+def _esc(text: Any, quote: bool = True) -> str:
+    """Names and other user text as literal HTML: markup escaped, control characters shown (``\\x1b``)."""
+    return html.escape(plain(text, None), quote=quote)
 
 
 def _fmt(v: Any) -> str:
@@ -48,12 +54,12 @@ def heat_colour(t: float) -> str:
 
 def _table(rows: Iterable[dict[str, Any]], columns: list[tuple[str, str]], left: Iterable[str] = ()) -> str:
     left = set(left)
-    head = "".join(f"<th class='l'>{html.escape(t)}</th>" if k in left else f"<th>{html.escape(t)}</th>"
+    head = "".join(f"<th class='l'>{_esc(t)}</th>" if k in left else f"<th>{_esc(t)}</th>"
                    for k, t in columns)
     body = []
     for r in rows:
-        cells = "".join(f"<td class='l'>{html.escape(_fmt(r.get(k)))}</td>" if k in left
-                        else f"<td>{html.escape(_fmt(r.get(k)))}</td>" for k, _ in columns)
+        cells = "".join(f"<td class='l'>{_esc(_fmt(r.get(k)))}</td>" if k in left
+                        else f"<td>{_esc(_fmt(r.get(k)))}</td>" for k, _ in columns)
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -76,28 +82,34 @@ def _heat_table(report: dict[str, Any]) -> str:
             v = c.get(key)
             marks = (" ★" if c.get("best") else "") + (" (recipe)" if paper.get("lr") == lr and paper.get("epochs") == ep else "")
             if v is None or c["state"] not in ("COMPLETE", "PRUNED"):
-                cells.append(f"<td class='muted'>{html.escape(c['state'].lower() + marks)}</td>")
+                cells.append(f"<td class='muted'>{_esc(c['state'].lower() + marks)}</td>")
                 continue
             t = 0.5 if hi == lo else (v - lo) / (hi - lo)
             style = f"background:{heat_colour(t if higher_better else 1 - t)}"
             cls = " class='best'" if c.get("best") else ""
-            cells.append(f"<td{cls} style='{style}'>{html.escape(_fmt(v) + marks)}</td>")
+            cells.append(f"<td{cls} style='{style}'>{_esc(_fmt(v) + marks)}</td>")
         rows.append(f"<tr><th>{lr:g}</th>{''.join(cells)}</tr>")
     return (f"<table><thead><tr><th>lr \\ epochs</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
-            f"<p class='muted'>{html.escape(key)} per cell, green = better; ★ best cell; (recipe) = the recipe's own cell.</p>")
+            f"<p class='muted'>{_esc(key)} per cell, green = better; ★ best cell; (recipe) = the recipe's own cell.</p>")
 
 
 def _study_body(r: dict[str, Any]) -> str:
-    parts = [f"<p>Metric <b>{html.escape(r['metric'])}</b> ({html.escape(r['direction'])}), recipe "
-             f"{html.escape(str(r.get('recipe')))}, base {html.escape(str(r.get('base')))}, loss {html.escape(str(r.get('loss')))}. "
-             f"Trials: {html.escape(', '.join(f'{n} {s.lower()}' for s, n in sorted(r['counts'].items())))}.</p>"]
+    parts = [f"<p>Metric <b>{_esc(r['metric'])}</b> ({_esc(r['direction'])}), recipe "
+             f"{_esc(str(r.get('recipe')))}, base {_esc(str(r.get('base')))}, loss {_esc(str(r.get('loss')))}. "
+             f"Trials: {_esc(', '.join(f'{n} {s.lower()}' for s, n in sorted(r['counts'].items())))}.</p>"]
     b, p = r.get("best"), r.get("paper")
     if b:
         parts.append(f"<p>Best: lr <b>{b['params']['lr']:g}</b>, <b>{b['params']['epochs']}</b> epochs, "
-                     f"{html.escape(r['metric'])} {_fmt(b['value'])} (trial {b['number']}, run {html.escape(str(b.get('run_id')))}).</p>")
+                     f"{_esc(r['metric'])} {_fmt(b['value'])} (trial {b['number']}, run {_esc(str(b.get('run_id')))}).</p>")
     if p:
-        parts.append(f"<p>Recipe {html.escape(str(p['recipe']))} chooses lr {p['lr']:g}, {p['epochs']} epochs, loss "
-                     f"{html.escape(str(p.get('loss')))} <span class='muted'>({html.escape(str(p.get('source')))})</span>.</p>")
+        parts.append(f"<p>Recipe {_esc(str(p['recipe']))} chooses lr {p['lr']:g}, {p['epochs']} epochs, loss "
+                     f"{_esc(str(p.get('loss')))} <span class='muted'>({_esc(str(p.get('source')))})</span>.</p>")
+    ign = r.get("ignored") or []
+    if ign:
+        listed = "; ".join(f"#{t['number']} {t['state'].lower()} {_fmt(t['value'])} ({t['reason']})" for t in ign[:20])
+        parts.append(f"<p class='note'>Ignored {len(ign)} trial(s) not made by elmctl (added by hand or by another tool; "
+                     f"not counted, not in the heat table, never the best cell): {_esc(listed)}"
+                     f"{' ...' if len(ign) > 20 else ''}</p>")
     parts.append("<h2>Learning rate x epochs</h2>" + _heat_table(r))
     rows = [{**t, "lr": t["params"].get("lr"), "epochs": t["params"].get("epochs"),
              "curve": " ".join(_fmt(e.get(r["metric"])) for e in t["per_epoch"])} for t in r["trials"]]
@@ -114,7 +126,7 @@ def _run_body(r: dict[str, Any]) -> str:
                             ("status", "status"), ("step", "steps"), ("devices", "devices"), ("wall_s", "wall (s)"),
                             ("gpu_hours", "GPU-hours"), ("run_dir", "folder")], left=("name", "kind", "status", "run_dir"))]
     if run.get("error"):
-        parts.append(f"<p><b>error:</b> {html.escape(run['error'])}</p>")
+        parts.append(f"<p><b>error:</b> {_esc(run['error'])}</p>")
     rows = [{"key": k, **{f: v for f, v in c.items() if f != "points"}} for k, c in r["curves"].items()]
     parts.append("<h2>Curves</h2>" + _table(rows, [("key", "metric"), ("first", "first"), ("min", "min"),
                                                     ("min_step", "at step"), ("last", "last"), ("last_step", "at step"),
@@ -140,7 +152,8 @@ def _overview_body(r: dict[str, Any]) -> str:
         ("final_loss", "final loss"), ("val_loss", "val/eval loss"), ("reward_accuracy", "reward acc"),
         ("tokens_per_s", "tokens/s"), ("devices", "devices"), ("gpu_hours", "GPU-hours"), ("study", "study")],
         left=("name", "kind", "status", "devices", "study"))]
-    rows = [{**s, "trials": ", ".join(f"{n} {k.lower()}" for k, n in sorted(s["counts"].items())),
+    rows = [{**s, "trials": ", ".join(f"{n} {k.lower()}" for k, n in sorted(s["counts"].items()))
+             + (f", {s['ignored']} ignored (not made by elmctl)" if s.get("ignored") else ""),
              "best_cell": (f"lr {s['best']['params']['lr']:g} x {s['best']['params']['epochs']}" if s["best"] else ""),
              "best_value": s["best"]["value"] if s["best"] else None} for s in r["studies"]]
     parts.append("<h2>Studies</h2>" + _table(rows, [
@@ -154,13 +167,17 @@ def render_html(kind: str, report: dict[str, Any], plots: list[Plot], title: str
     body = {"study": _study_body, "run": _run_body, "overview": _overview_body}[kind](report)
     figs = []
     for p in plots:
+        if p.path is None:  # could not be drawn: say so where it would have been
+            figs.append(f"<figure><p class='note'><b>{_esc(p.title)}</b>: this plot could not be drawn "
+                        f"({_esc(p.error or 'unknown error')}); the rest of the report is complete.</p></figure>")
+            continue
         data = base64.b64encode(Path(p.path).read_bytes()).decode("ascii")
-        figs.append(f"<figure><img alt='{html.escape(p.title, quote=True)}' src='data:image/png;base64,{data}'>"
-                    f"<figcaption><b>{html.escape(p.title)}</b>. {html.escape(p.caption)}</figcaption></figure>")
+        figs.append(f"<figure><img alt='{_esc(p.title, quote=True)}' src='data:image/png;base64,{data}'>"
+                    f"<figcaption><b>{_esc(p.title)}</b>. {_esc(p.caption)}</figcaption></figure>")
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>"
-            f"<h1>{html.escape(title)}</h1><p class='muted'>store {html.escape(str(report.get('store')))}, "
+            f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
+            f"<h1>{_esc(title)}</h1><p class='muted'>store {_esc(str(report.get('store')))}, "
             f"generated {now} by elmctl report</p>{body}"
             + (f"<h2>Plots</h2>{''.join(figs)}" if figs else "") + "</body></html>\n")
 

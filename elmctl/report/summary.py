@@ -13,10 +13,14 @@ Shapes (the ``--format json`` interface):
 - :func:`overview` -> ``{store, runs: [run row], studies: [study row]}``
 - :func:`study_report` -> ``{study, store, metric, direction, recipe, trials: [{number, params: {lr,
   epochs}, state, value, eval_loss, reward_accuracy, reward_margin, per_epoch, reason, run_id, ...}],
-  cells, heat, best, paper, counts}``
+  cells, heat, best, paper, counts, ignored: [{number, state, params, value, reason}]}``
 - :func:`run_report` -> ``{run: run row, curves: {key: series}, lr, throughput, epochs, checkpoints}``
 
 NaN and infinities come out as None, so the JSON stays strict.
+
+Trials other tools added to a study by hand (Optuna API, optuna-dashboard: off-grid or extra
+params, no elmctl run) are not elmctl's (:func:`elmctl.sweep.cells.foreign_reason`): they are left
+out of the trials, counts, cells, heat table and best cell, and listed under ``ignored``.
 """
 
 from __future__ import annotations
@@ -212,8 +216,8 @@ def _study_rows(src: ReportSource) -> list[dict[str, Any]]:
     rows = []
     for s in optuna.get_all_study_summaries(src.storage, include_best_trial=False):
         study = optuna.load_study(study_name=s.study_name, storage=src.storage, sampler=optuna.samplers.RandomSampler())
-        trials = study.get_trials(deepcopy=False)
         ident = study.user_attrs.get("elmctl") or {}
+        trials, ignored = _split_foreign(study.get_trials(deepcopy=False), bool(ident))
         counts = _counts(trials)
         best = _best(trials, _direction(study))
         rows.append({
@@ -221,9 +225,28 @@ def _study_rows(src: ReportSource) -> list[dict[str, Any]]:
             "direction": _direction(study), "n_trials": len(trials), "counts": counts,
             "started": s.datetime_start.isoformat() if s.datetime_start else None,
             "best": {"number": best.number, "params": _params(best), "value": best.value} if best else None,
+            "ignored": len(ignored),
         })
     rows.sort(key=lambda r: r["started"] or "", reverse=True)
     return rows
+
+
+def _split_foreign(trials, elmctl_study: bool) -> tuple[list, list[dict[str, Any]]]:
+    """(elmctl's own trials, rows of the trials other tools added: number, state, params, value, reason).
+
+    A study elmctl did not create (no ``elmctl`` user attr) is shown as it is: all its trials.
+    """
+    from elmctl.sweep.cells import foreign_reason
+
+    own, ignored = [], []
+    for t in trials:
+        why = foreign_reason(t) if elmctl_study else None
+        if why is None:
+            own.append(t)
+        else:
+            ignored.append({"number": t.number, "state": t.state.name, "params": dict(t.params or {}),
+                            "value": t.values[0] if t.values and len(t.values) == 1 else None, "reason": why})
+    return own, ignored
 
 
 def _counts(trials) -> dict[str, int]:
@@ -287,8 +310,8 @@ def _paper(study, runs: list) -> dict[str, Any] | None:
 def study_report(src: ReportSource, name: str) -> dict[str, Any]:
     """Every trial of a sweep, the best cell, the lr x epochs heat table and the recipe's own cell."""
     study = _load_study(src, name)
-    trials = study.get_trials(deepcopy=False)
     ident = study.user_attrs.get("elmctl") or {}
+    trials, ignored = _split_foreign(study.get_trials(deepcopy=False), bool(ident))
     metric, direction = ident.get("metric") or "value", _direction(study)
     runs = src.store.list_runs(study=name, limit=None) if src.store is not None else []
     runs_by_id = {r.id: r for r in runs}
@@ -328,7 +351,7 @@ def study_report(src: ReportSource, name: str) -> dict[str, Any]:
         "study": name, "store": src.display_url, "metric": metric, "direction": direction,
         "recipe": ident.get("recipe"), "base": ident.get("base"), "loss": ident.get("loss"),
         "trials": rows, "cells": cells, "heat": _heat(cells, best), "best": best,
-        "paper": _paper(study, runs), "counts": _counts(trials),
+        "paper": _paper(study, runs), "counts": _counts(trials), "ignored": ignored,
     })
 
 

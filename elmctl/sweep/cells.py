@@ -16,6 +16,13 @@ Ledger rules (:func:`cell_ledger`, pure):
   failures caused by the driver (``interrupted``, ``orphaned``) or by a lost claim
   (``claim-conflict``) do not use up retries;
 - otherwise the cell is *pending* while its counted failures are <= max_retries, else *failed*.
+
+Trials made by other tools. The study is an ordinary Optuna study, so people add trials to it by
+hand (``study.add_trial``, ``study.ask`` in a notebook, optuna-dashboard). Only elmctl's own trials
+count (:func:`foreign_reason` is None): params exactly ``lr`` and ``epochs``, with the ``cell``
+elmctl wrote at claim time (matching those params) or the ``run_id`` of the run it started. The
+others never make a cell done, running or failed, never become the best cell, and are never
+touched (failed, retried); the report and a rerun list them as ignored.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ __all__ = [
     "grid_cells",
     "distributions",
     "cell_of",
+    "own_cell",
+    "foreign_reason",
     "cell_ledger",
 ]
 
@@ -143,12 +152,41 @@ def cell_of(trial: Any) -> Cell | None:
     return None
 
 
+def foreign_reason(trial: Any) -> str | None:
+    """Why a FrozenTrial is not one of elmctl's sweep trials (None: it is; see the module docstring)."""
+    params = getattr(trial, "params", {}) or {}
+    names = set(params)
+    if names != {"lr", "epochs"}:
+        extra, missing = sorted(names - {"lr", "epochs"}), sorted({"lr", "epochs"} - names)
+        return "; ".join(([f"extra params {', '.join(extra)}"] if extra else [])
+                         + ([f"no {' or '.join(missing)} param"] if missing else []))
+    try:
+        lr, epochs = float(params["lr"]), float(params["epochs"])
+    except (TypeError, ValueError):
+        return "lr/epochs are not numbers"
+    if not (math.isfinite(lr) and 0 < lr < 1) or not epochs.is_integer() or epochs < 1:
+        return f"params lr={params['lr']!r}, epochs={params['epochs']!r} are no grid cell"
+    attrs = getattr(trial, "user_attrs", {}) or {}
+    if "cell" in attrs:
+        if attrs["cell"] != Cell(lr, int(epochs)).key:
+            return f"its cell attr {attrs['cell']!r} does not match its params"
+        return None
+    if attrs.get("run_id"):
+        return None
+    return "not started by elmctl (no cell, no run)"
+
+
+def own_cell(trial: Any) -> Cell | None:
+    """The cell of one of elmctl's own trials; None for a trial made by another tool."""
+    return cell_of(trial) if foreign_reason(trial) is None else None
+
+
 def cell_ledger(trials: Iterable[Any], cells: Iterable[Cell], max_retries: int) -> dict[str, CellStatus]:
-    """Cell key -> CellStatus, for the given cells plus any other cell found in ``trials``."""
+    """Cell key -> CellStatus, for the given cells plus any other cell found in elmctl's own ``trials``."""
     ledger: dict[str, CellStatus] = {c.key: CellStatus(c) for c in cells}
     by_cell: dict[str, list[Any]] = {}
     for t in sorted(trials, key=lambda t: t.number):
-        cell = cell_of(t)
+        cell = own_cell(t)
         if cell is None:
             continue
         ledger.setdefault(cell.key, CellStatus(cell))

@@ -17,6 +17,10 @@ Loop (one process, one thread):
    (reason ``error``, counted against ``--max-retries``);
 5. Ctrl-C / SIGTERM: stop every trial, tell them FAIL with reason ``interrupted`` (not counted), mark
    their runs cancelled, return. The study is consistent; rerunning the command resumes it.
+6. whichever way the loop ends, the driver removes its ``driver:...`` heartbeat from the study.
+
+Trials other tools added to the study (by hand, optuna-dashboard) are listed once as ignored and
+otherwise left alone: they hold no cell, are never failed or retried, and are never the best.
 
 Fault injection (tests, and rehearsing failure handling): ``ELMCTL_FAIL_TRIAL_CELL=LR,EPOCHS``
 makes the first ``ELMCTL_FAIL_TRIAL_TIMES`` (default 1) attempts of that cell fail right after they
@@ -119,6 +123,10 @@ class SweepDriver:
         self.dists = C.distributions(self.spec.lrs, self.spec.epochs)
         S.heartbeat(self.study, self.me)
         self._reconcile()
+        foreign = [(t.number, why) for t in self.study.get_trials(deepcopy=False) if (why := C.foreign_reason(t))]
+        if foreign:
+            shown = ", ".join(f"#{n} ({why})" for n, why in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+            self._note(f"{len(foreign)} trial(s) not made by elmctl are ignored (never counted, run or changed): {shown}")
         return self.study
 
     def _reconcile(self) -> None:
@@ -148,22 +156,30 @@ class SweepDriver:
             self.open()
         last_beat = time.monotonic()
         try:
-            while True:
-                if self._stop:
-                    raise KeyboardInterrupt
-                self._poll_active()
-                started = self._fill_slots()
-                if not self.active and not started:
-                    break
-                if time.monotonic() - last_beat > self.heartbeat_s:
-                    S.heartbeat(self.study, self.me)
-                    self._reconcile_remote()
-                    last_beat = time.monotonic()
-                time.sleep(self.poll_s)
+            self._loop(last_beat)
         except KeyboardInterrupt:
             self.interrupted = True
             self._stop_all("interrupted")
+        finally:
+            try:
+                S.forget_driver(self.study, self.me)  # a driver that stopped leaves no heartbeat behind
+            except Exception as exc:  # noqa: BLE001 - the results matter more than a stale attr
+                self.notes.append(f"could not remove this driver's heartbeat from the study: {exc}")
         return summarize(self.study, self.spec, self.store, interrupted=self.interrupted)
+
+    def _loop(self, last_beat: float) -> None:
+        while True:
+            if self._stop:
+                raise KeyboardInterrupt
+            self._poll_active()
+            started = self._fill_slots()
+            if not self.active and not started:
+                break
+            if time.monotonic() - last_beat > self.heartbeat_s:
+                S.heartbeat(self.study, self.me)
+                self._reconcile_remote()
+                last_beat = time.monotonic()
+            time.sleep(self.poll_s)
 
     def _reconcile_remote(self) -> None:
         orphans = S.fail_orphans(self.study, self.me, stale_after_s=self.stale_after_s)
@@ -226,7 +242,7 @@ class SweepDriver:
             if C.Cell(float(lr), int(ep)) == cell:
                 after = os.environ.get("ELMCTL_FAIL_TRIAL_AFTER_EPOCH")
                 env["ELMCTL_INJECT_FAILURE"] = f"epoch:{int(after)}" if after else "1"
-        candidates = R.resume_candidates(self.study.get_trials(deepcopy=False), cell, self._checkpoint_step, C.cell_of)
+        candidates = R.resume_candidates(self.study.get_trials(deepcopy=False), cell, self._checkpoint_step, C.own_cell)
         port = None
         if slot.devices is not None and len(slot.devices) > 1:
             from elmctl.launch.torchrun import free_port

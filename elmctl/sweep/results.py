@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from elmctl.sweep.cells import cell_ledger
+from elmctl.sweep.cells import cell_ledger, foreign_reason
 from elmctl.sweep.spec import SweepSpec
 
 __all__ = ["summarize"]
@@ -21,9 +21,17 @@ def summarize(study: Any, spec: SweepSpec, store: Any = None, *, interrupted: bo
     ``{study, storage, metric, direction, interrupted, trials: [{number, params: {lr, epochs},
     state, value, reward_accuracy, eval_loss, reward_margin, run_id, attempt, fail_reason,
     resumed_from: {run_id, trial, attempt, checkpoint, step, epoch, ...} | None, resume_skipped, ...}],
-    cells: [{lr, epochs, state, value, reward_accuracy, trial, attempts}], best, paper}``
+    cells: [{lr, epochs, state, value, reward_accuracy, trial, attempts}], best, paper,
+    ignored: [{number, state, params, value, reason}]}``
+
+    ``trials``, ``cells`` and ``best`` hold elmctl's own trials only; ``ignored`` lists the trials
+    other tools added to the study (:func:`elmctl.sweep.cells.foreign_reason`).
     """
-    trials = study.get_trials(deepcopy=False)
+    everything = study.get_trials(deepcopy=False)
+    trials = [t for t in everything if foreign_reason(t) is None]
+    ignored = [{"number": t.number, "state": t.state.name, "params": dict(t.params),
+                "value": t.values[0] if t.values and len(t.values) == 1 else None, "reason": foreign_reason(t)}
+               for t in everything if foreign_reason(t) is not None]
     rows = []
     for t in trials:
         ua = t.user_attrs
@@ -55,7 +63,7 @@ def summarize(study: Any, spec: SweepSpec, store: Any = None, *, interrupted: bo
                 "reward_accuracy": b["reward_accuracy"], "run_id": b["run_id"]}
     return {"study": spec.study, "storage": _display(spec.storage_url), "metric": spec.metric,
             "direction": spec.direction, "interrupted": interrupted, "trials": rows, "cells": cells,
-            "best": best, "paper": paper}
+            "best": best, "paper": paper, "ignored": ignored}
 
 
 def _display(url: str) -> str:

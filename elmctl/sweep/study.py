@@ -13,7 +13,9 @@ the earlier: at most one proceeds.
 
 Orphans. A RUNNING trial whose driver is gone is failed with reason ``orphaned`` (retried, not
 counted): on this host the driver's pid (with its start time, against pid reuse) tells; for other
-hosts, a driver heartbeat in the study's user attrs older than ``stale_after_s`` does.
+hosts, a driver heartbeat in the study's user attrs older than ``stale_after_s`` does. A driver
+removes its heartbeat when it stops (:func:`forget_driver`). Trials made by other tools
+(:func:`elmctl.sweep.cells.foreign_reason`) are never failed, claimed against or counted.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from elmctl.errors import UsageError
 from elmctl.launch.supervise import pid_alive, process_start_token
-from elmctl.sweep.cells import Cell, cell_of
+from elmctl.sweep.cells import Cell, foreign_reason, own_cell
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -40,6 +42,7 @@ __all__ = [
     "open_study",
     "process_alive",
     "heartbeat",
+    "forget_driver",
     "fail_orphans",
     "claim_cell",
     "CellSampler",
@@ -164,7 +167,8 @@ def open_study(
 
     ``identity`` (recipe, base, data, loss, metric, sampler) is stored as the study user attr
     ``elmctl`` at creation and compared on every resume: mixing two setups in one study would make
-    its best cell meaningless.
+    its best cell meaningless. The metric is also recorded as the study's metric name, which
+    optuna-dashboard and Optuna's plots show as the objective's label.
     """
     import optuna
 
@@ -189,6 +193,12 @@ def open_study(
                 f"study {name!r} was started with different settings:\n  " + "\n  ".join(diffs),
                 "rerun with the original flags to resume it, or pick a new --study name",
             )
+    if study.metric_names is None:  # optuna-dashboard and Optuna's plots label the objective with it
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([str(stored.get("metric") or "value")])
     return study
 
 
@@ -225,6 +235,27 @@ def heartbeat(study: Any, me: DriverInfo) -> None:
     study.set_user_attr(f"driver:{me.id}", {**me.as_dict(), "heartbeat": time.time()})
 
 
+def forget_driver(study: Any, me: DriverInfo) -> None:
+    """Remove this driver's heartbeat from the study's user attrs (a driver that stopped has none).
+
+    Optuna has no call that deletes a study user attr, so this deletes the row from its
+    ``study_user_attributes`` table (RDB storages); in-memory storages drop the key.
+    """
+    from sqlalchemy import text
+
+    key = f"driver:{me.id}"
+    storage = study._storage
+    backend = getattr(storage, "_backend", storage)  # create_study wraps an RDBStorage in a cache
+    engine = getattr(backend, "engine", None)
+    if engine is None:  # InMemoryStorage (tests)
+        with getattr(backend, "_lock"):
+            backend._studies[study._study_id].user_attrs.pop(key, None)
+        return
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM study_user_attributes WHERE study_id = :sid AND key = :key"),
+                     {"sid": study._study_id, "key": key})
+
+
 def fail_orphans(
     study: Any,
     me: DriverInfo,
@@ -243,6 +274,8 @@ def fail_orphans(
     attrs = study.user_attrs
     orphaned: list[int] = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if foreign_reason(t) is not None:  # another tool's trial: not ours to fail
+            continue
         drv = t.user_attrs.get("driver") or {}
         did = f"{drv.get('host')}:{drv.get('pid')}:{drv.get('start') or ''}"
         started = t.datetime_start.timestamp() if t.datetime_start else 0.0
@@ -330,7 +363,7 @@ def claim_cell(
     rivals = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED))
-        if t.number != trial.number and cell_of(t) == got
+        if t.number != trial.number and own_cell(t) == got  # another tool's trial holds no cell
     ]
     if rivals:
         trial.set_user_attr("fail_reason", "claim-conflict")

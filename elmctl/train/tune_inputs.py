@@ -37,19 +37,34 @@ def resolve_base(spec: str, store=None) -> Base:
     """``--base``: a pretrain run id/name (its newest verified checkpoint), a run folder, a
     checkpoint folder (``ckpt-N``), or an Apple HF folder (config.json + safetensors).
 
+    A checkpoint is verified here (every file against its manifest), so a corrupted base is an
+    input error before any run is recorded, not a failed run.
+
     Raises:
-        UsageError: nothing usable at ``spec``.
+        UsageError: nothing usable at ``spec`` (missing, no checkpoint, or only corrupted ones).
     """
-    from elmctl.train.checkpoint import find_resumable
+    from elmctl.train.checkpoint import CheckpointCorrupt, find_resumable, verify_checkpoint
+
+    def corrupt(exc: CheckpointCorrupt) -> UsageError:
+        return UsageError(f"--base {spec}: {exc.message}",
+                          "give another --base (an older ckpt-N folder of that run, another run, or an HF folder); "
+                          "the corrupted files are left in place")
 
     p = Path(spec).expanduser()
     if p.is_dir():
         if (p / "config.json").is_file():
             return Base("hf", str(p.resolve()), str(p))
         if (p / "manifest.json").is_file() and (p / "model.safetensors").is_file():
+            try:
+                verify_checkpoint(p)
+            except CheckpointCorrupt as exc:
+                raise corrupt(exc) from None
             return Base("checkpoint", str(p.resolve()), str(p))
         if (p / "checkpoints").is_dir():
-            info, _ = find_resumable(p)
+            try:
+                info, _ = find_resumable(p)
+            except CheckpointCorrupt as exc:
+                raise corrupt(exc) from None
             if info is not None:
                 return Base("checkpoint", str(info.path.resolve()), f"{p} ({info.path.name})")
         raise UsageError(f"--base {spec}: the folder holds no OpenELM weights",
@@ -59,7 +74,10 @@ def resolve_base(spec: str, store=None) -> Base:
 
         store = Store()
     run = store.get_run(spec)  # UsageError with "did you mean" when unknown
-    info, _ = find_resumable(run.run_dir)
+    try:
+        info, _ = find_resumable(run.run_dir)
+    except CheckpointCorrupt as exc:
+        raise corrupt(exc) from None
     if info is None:
         raise UsageError(f"--base {spec}: run {run.label} has no checkpoint yet",
                          f"wait for its first checkpoint, or check it with: elmctl runs show {run.label}")
@@ -80,20 +98,32 @@ def check_base(base: Base, recipe) -> None:
 
     hint = "pick the recipe the base was trained with (elmctl runs show <run>), or another --base"
     if base.kind == "hf":
-        from elmctl.model.hf import model_config_from_hf
+        from elmctl.model.hf import model_config_from_hf, read_hf_config
 
-        cfg = model_config_from_hf(json.loads((Path(base.path) / "config.json").read_text()), base.path)
+        cfg = model_config_from_hf(read_hf_config(base.path), base.path)
         if _arch(cfg) != _arch(recipe.model):
             diff = [f"{n}: base {a} vs recipe {b}" for n, a, b in zip(
                 ("num_layers", "model_dim", "head_dim", "num_gqa_groups", "vocab_size", "normalize_qk_projections",
                  "share_input_output_layers", "rope_freq_constant", "layer shapes"), _arch(cfg), _arch(recipe.model)) if a != b]
             raise UsageError(f"--base {base.label} does not match recipe {recipe.id}: " + "; ".join(diff[:4]), hint)
+        with torch.device("meta"):
+            expected_names = set(OpenELM(cfg).state_dict())
+        names = _hf_tensor_names(Path(base.path), base.label)
+        missing, unexpected = sorted(expected_names - names), sorted(names - expected_names)
+        if missing or unexpected:
+            raise UsageError(f"--base {base.label}: its weights do not match its config.json ("
+                             + "; ".join(([f"missing {missing[:4]}"] if missing else [])
+                                         + ([f"unexpected {unexpected[:4]}"] if unexpected else [])) + ")",
+                             "point at a folder written by `elmctl export` or downloaded from apple/OpenELM-*")
         return
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(Path(base.path) / "model.safetensors"), "pt") as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    try:
+        with safe_open(str(Path(base.path) / "model.safetensors"), "pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(f"--base {base.label}: cannot read its weights ({exc})", "give another --base") from None
     stored.update({a: stored[t] for a, t in aliases.items() if t in stored})
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in OpenELM(recipe.model).state_dict().items()}
@@ -102,6 +132,38 @@ def check_base(base: Base, recipe) -> None:
     if diff:
         raise UsageError(f"--base {base.label} does not match recipe {recipe.id} "
                          f"({len(diff)} tensors differ, e.g. {'; '.join(diff[:3])})", hint)
+
+
+def _hf_tensor_names(folder: Path, label: str) -> set[str]:
+    """Tensor names (``transformer.`` prefix dropped) in an HF folder's weights, from the safetensors
+    headers only: missing or unreadable weight files are found before a run starts, without reading them.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from elmctl.model.hf import INDEX, PREFIX, WEIGHTS
+
+    hint = "point at a folder written by `elmctl export` or downloaded from apple/OpenELM-*"
+    single, index = folder / WEIGHTS, folder / INDEX
+    try:
+        if single.is_file():
+            files = [single]
+        elif index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UsageError(f"--base {label}: {index} has no 'weight_map' object", hint)
+            files = [folder / str(s) for s in sorted(set(map(str, weight_map.values())))]
+            absent = [f.name for f in files if not f.is_file()]
+            if absent:
+                raise UsageError(f"--base {label}: {index.name} names shard(s) {absent[:3]}, which are missing", hint)
+        else:
+            raise UsageError(f"--base {label}: {folder} holds neither {WEIGHTS} nor {INDEX}", hint)
+        names: set[str] = set()
+        for f in files:
+            with safe_open(str(f), "pt") as h:
+                names.update(h.keys())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UsageError(f"--base {label}: cannot read the weights in {folder}: {exc}", hint) from None
+    return {k[len(PREFIX):] if k.startswith(PREFIX) else k for k in names}
 
 
 def load_base_weights(model: torch.nn.Module, kind: str, path: str) -> None:
