@@ -13,10 +13,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from elmctl.cli._common import Format, FormatOpt, SetOpt, StoreOpt, console, emit_json
+from elmctl.cli._common import MAX_PROCS, Format, FormatOpt, SetOpt, StoreOpt, console, emit_json
 from elmctl.cli._sweep_view import LiveView, print_summary
 from elmctl.cli._tune_opts import BaseOpt, DataOpt, DeviceOpt, LossOpt, PrecomputeOpt, RecipeOpt, check_loss, select_devices
 from elmctl.errors import RuntimeFailure, UsageError
+from elmctl.store import NAME_RULE
 
 
 def _recipe_spec(spec: str) -> str:
@@ -33,6 +34,17 @@ def _default_study(identity: dict[str, Any], recipe_id: str) -> str:
     return f"tune-{recipe_id}-{digest}"
 
 
+def _check_study_name(storage: Any, name: str) -> None:
+    """A new study's name follows the name rule; an existing one (an older elmctl's, another tool's)
+    is resumed by the name it has, so rerunning a sweep's command always resumes it."""
+    try:
+        storage.get_study_id_from_name(name)
+    except KeyError:
+        from elmctl.store import check_name
+
+        check_name(name, "--study")
+
+
 def sweep_cmd(
     recipe: RecipeOpt,
     base: BaseOpt,
@@ -40,16 +52,16 @@ def sweep_cmd(
     lrs: Annotated[Optional[str], typer.Option("--lrs", help="Learning rates, comma-separated (default: the recipe's lr_grid).")] = None,
     epochs: Annotated[Optional[str], typer.Option("--epochs", help="Epoch counts, comma-separated (default: the recipe's epoch_grid).")] = None,
     gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPUs to use: a count, 'all' (default) or indices.")] = None,
-    gpus_per_trial: Annotated[int, typer.Option("--gpus-per-trial", help="GPUs per trial (torchrun when > 1).")] = 1,
+    gpus_per_trial: Annotated[int, typer.Option("--gpus-per-trial", min=1, max=MAX_PROCS, help="GPUs per trial (torchrun when > 1).")] = 1,
     device: DeviceOpt = None,
-    parallel: Annotated[int, typer.Option("--parallel", help="With --device cpu: trials at a time (cores are shared).")] = 1,
-    study: Annotated[Optional[str], typer.Option("--study", help="Study name (default: derived from recipe, base, data, loss and metric, so the same command resumes).")] = None,
+    parallel: Annotated[int, typer.Option("--parallel", min=1, max=MAX_PROCS, help="With --device cpu: trials at a time (cores are shared).")] = 1,
+    study: Annotated[Optional[str], typer.Option("--study", help=f"Study name (default: derived from recipe, base, data, loss and metric, so the same command resumes). A new study's name: {NAME_RULE}.")] = None,
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default: the store's database). Several machines: the same postgresql:// URL and --study on each.")] = None,
     metric: Annotated[str, typer.Option("--metric", help="eval_loss (minimised) or reward_accuracy (maximised), at the last epoch.")] = "eval_loss",
     pruner: Annotated[str, typer.Option("--pruner", help="none, or median: stop a trial whose epoch-k value is worse than the median of finished trials at epoch k (after 2 finished).")] = "none",
-    max_retries: Annotated[int, typer.Option("--max-retries", help="Reruns of a cell whose trial failed.")] = 1,
+    max_retries: Annotated[int, typer.Option("--max-retries", min=0, max=100, help="Reruns of a cell whose trial failed.")] = 1,
     sampler: Annotated[str, typer.Option("--sampler", help="grid (every lr x epochs cell once) or tpe (--n-trials over the same ranges).")] = "grid",
-    n_trials: Annotated[Optional[int], typer.Option("--n-trials", help="With --sampler tpe: total trials in the study (not per invocation).")] = None,
+    n_trials: Annotated[Optional[int], typer.Option("--n-trials", min=1, max=100_000, help="With --sampler tpe: total trials in the study (not per invocation).")] = None,
     loss: LossOpt = None,
     store: StoreOpt = None,
     set_: SetOpt = None,
@@ -109,7 +121,9 @@ def sweep_cmd(
         raise UsageError("--parallel is for --device cpu; on GPUs the slots follow from --gpus / --gpus-per-trial")
     st = Store(store)
     storage_url = storage or st.url
-    S.open_storage(storage_url)  # unreachable -> UsageError now, not after trials started
+    optuna_storage = S.open_storage(storage_url)  # unreachable -> UsageError now, not after trials started
+    if study is not None:
+        _check_study_name(optuna_storage, study)
     data_dir = check_preference_data(data, rec)
     b = resolve_base(base, st)
     check_base(b, rec)

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from elmctl.cli._common import Format, FormatOpt, SetOpt, console, emit_json
+from elmctl.cli._common import MAX_MICRO_BATCH, MAX_PROCS, Format, FormatOpt, SetOpt, console, emit_json
 from elmctl.errors import RuntimeFailure, UsageError
 
 
@@ -23,12 +23,12 @@ def bench_cmd(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Recipe id or path.")] = "tiny",
     gpus: Annotated[str | None, typer.Option("--gpus", help="GPUs: a count, 'all', or indices '0,3'.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="'cpu' to bench on the CPU.")] = None,
-    nproc: Annotated[int | None, typer.Option("--nproc", min=1, help="With --device cpu: processes (gloo), to check the multi-process step.")] = None,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed optimizer steps.")] = 20,
-    warmup: Annotated[int, typer.Option("--warmup", min=1, help="Untimed steps first (compile happens here).")] = 3,
-    micro_batch: Annotated[int | None, typer.Option("--micro-batch", min=1, help="Sequences per GPU per step (default: the recipe's).")] = None,
-    grad_accumulation: Annotated[int, typer.Option("--grad-accumulation", min=1, help="Micro-batches per optimizer step (gradients all-reduced once per step, as in training).")] = 1,
-    seq_len: Annotated[int | None, typer.Option("--seq-len", min=8, help="Sequence length (default: the recipe's context).")] = None,
+    nproc: Annotated[int | None, typer.Option("--nproc", min=1, max=MAX_PROCS, help="With --device cpu: processes (gloo), to check the multi-process step.")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, max=1_000_000, help="Timed optimizer steps.")] = 20,
+    warmup: Annotated[int, typer.Option("--warmup", min=1, max=1_000_000, help="Untimed steps first (compile happens here).")] = 3,
+    micro_batch: Annotated[int | None, typer.Option("--micro-batch", min=1, max=MAX_MICRO_BATCH, help="Sequences per GPU per step (default: the recipe's).")] = None,
+    grad_accumulation: Annotated[int, typer.Option("--grad-accumulation", min=1, max=1 << 16, help="Micro-batches per optimizer step (gradients all-reduced once per step, as in training).")] = 1,
+    seq_len: Annotated[int | None, typer.Option("--seq-len", min=8, max=1 << 20, help="Sequence length (default: the recipe's context).")] = None,
     checkpointing: Annotated[str, typer.Option("--checkpointing", help="Activation checkpointing: recipe, on, off.")] = "recipe",
     no_compile: Annotated[bool, typer.Option("--no-compile", help="Eager mode (compile is on by default on GPU).")] = False,
     profile: Annotated[str | None, typer.Option("--profile", metavar="DIR", help="Also profile 3 steps: Chrome trace in DIR, time per kernel category.")] = None,

@@ -6,7 +6,7 @@ The plain functions (:func:`resolve_source`, :func:`load_model`, :func:`load_sou
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from elmctl.cli._common import Format, FormatOpt, StoreOpt, console, emit_json
+from elmctl.cli._common import Format, FormatOpt, StoreOpt, console, emit_json, plain_text, safe_markup
 from elmctl.errors import UsageError
 
 EXPORT_INFO = "elmctl_export.json"  # written by `elmctl export` next to config.json
@@ -40,12 +40,22 @@ class ModelSource:
 
 def _data_tokenizer(data_dir: str | None) -> str | None:
     """The tokenizer spec in a prepared data folder's manifest.json (None when unknown)."""
-    if not data_dir:
+    from elmctl.data._manifest import read_manifest
+
+    if not isinstance(data_dir, str) or not data_dir:
         return None
+    tok = (read_manifest(Path(data_dir)) or {}).get("tokenizer")
+    return tok if isinstance(tok, str) else None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """A small JSON object elmctl wrote (run options, export info); {} when absent or malformed."""
+    from elmctl._files import MAX_SMALL_JSON_BYTES, read_json_bounded
+
     try:
-        return json.loads((Path(data_dir) / "manifest.json").read_text()).get("tokenizer")
-    except (OSError, ValueError):
-        return None
+        return read_json_bounded(path, MAX_SMALL_JSON_BYTES)
+    except UsageError:
+        return {}
 
 
 def _from_run_dir(run_dir: Path, label: str, run_kind: str | None, run_id: str | None) -> ModelSource:
@@ -62,16 +72,9 @@ def _from_checkpoint(ckpt: Path, label: str, run_kind: str | None, run_id: str |
     run_dir = ckpt.parent.parent
     if not (run_dir / "recipe.json").is_file():
         raise UsageError(f"{ckpt}: no recipe.json in its run folder {run_dir}", "point at the run (id or folder) instead")
-    try:
-        opts = json.loads((run_dir / "options.json").read_text())
-    except (OSError, ValueError):
-        opts = {}
+    opts = _json_object(run_dir / "options.json")
     if run_kind is None:
-        meta = {}
-        try:
-            meta = json.loads((ckpt / "manifest.json").read_text())
-        except (OSError, ValueError):
-            pass
+        meta = _json_object(ckpt / "manifest.json")
         run_kind = "tune" if ("base_kind" in opts or meta.get("kind") == "tune") else "pretrain"
     if step is None:
         step = int(ckpt.name.split("-", 1)[1]) if ckpt.name.startswith("ckpt-") else None
@@ -89,15 +92,20 @@ def resolve_source(spec: str, store_url: str | None = None) -> ModelSource:
     p = Path(spec).expanduser()
     if p.is_dir():
         if (p / "config.json").is_file():
-            info: dict[str, Any] = {}
-            if (p / EXPORT_INFO).is_file():
-                info = json.loads((p / EXPORT_INFO).read_text())
+            from elmctl._files import MAX_CONFIG_JSON_BYTES, read_json_bounded
+
+            config = read_json_bounded(p / "config.json", MAX_CONFIG_JSON_BYTES, what="config.json")
+            info = _json_object(p / EXPORT_INFO)  # written by `elmctl export`: keep only well-typed values
+            info = {k: v for k, v in info.items() if (k == "step" and type(v) is int)
+                    or (k in ("tokenizer", "run_kind", "run_id") and isinstance(v, str))}
             tok = None
-            if (p / "tokenizer.model").is_file() or (p / "tokenizer.json").is_file():
+            if info.get("tokenizer") == "byte":
+                tok = "byte"  # an elmctl export of a byte-level run: its tokenizer.json is for other tools
+            elif (p / "tokenizer.model").is_file() or (p / "tokenizer.json").is_file():
                 tok = str(p)
             elif info.get("tokenizer"):
                 tok = info["tokenizer"]
-            elif json.loads((p / "config.json").read_text()).get("vocab_size") == 259:
+            elif config.get("vocab_size") == 259:
                 tok = "byte"  # elmctl's byte-level vocabulary (tiny recipe)
             return ModelSource("hf", p, str(p), info.get("run_kind"), tokenizer=tok, run_id=info.get("run_id"),
                                step=info.get("step"))
@@ -166,18 +174,21 @@ def generate_text(model, tok, prompt: str, *, chat: bool, max_new_tokens: int = 
 
     if chat:
         ids = encode_chat(tok, [{"role": "user", "content": prompt}])
-    else:  # the prompt's tokens as they are: pre-training saw documents without BOS (EOS between them)
-        ids = tok.encode(prompt)
-        if not ids:
+    else:  # BOS + the prompt's tokens: pre-training saw every document as [BOS] tokens [EOS], and
+        # transformers/mlx_lm add BOS too (the exported tokenizer does), so all give the same tokens
+        if not tok.encode(prompt):
             raise UsageError("--prompt is empty", "give some text to continue")
+        ids = tok.encode(prompt, add_bos=True)
     limit = model.config.context_length
     if len(ids) + max_new_tokens > limit:
         raise UsageError(f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} exceed the model's "
                          f"context of {limit} tokens", "shorten the prompt or lower --max-new-tokens")
     gen = torch.Generator(device=model.token_embeddings.weight.device).manual_seed(seed) if seed is not None else None
     t0 = time.perf_counter()
+    # only ids the tokenizer has a piece for: a tiny model trained on a small tokenizer's data still
+    # has its recipe's output rows, and an id past the tokenizer's pieces cannot be decoded
     out = generate(model, torch.tensor(ids, dtype=torch.long), max_new_tokens, temperature=temperature, top_k=top_k,
-                   eos_id=tok.eos_id, generator=gen)
+                   eos_id=tok.eos_id, generator=gen, vocab_size=min(tok.vocab_size, model.config.vocab_size))
     seconds = time.perf_counter() - t0
     new = out[len(ids):].tolist()
     stopped = tok.eos_id in new
@@ -201,7 +212,7 @@ def score_choices(model, tok, prompt: str, choices: list[str], *, chat: bool) ->
     from elmctl.train.dpo import sequence_logps
     from elmctl.train.objectives import IGNORE_INDEX
 
-    prompt_ids = encode_chat(tok, [{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
+    prompt_ids = encode_chat(tok, [{"role": "user", "content": prompt}]) if chat else tok.encode(prompt, add_bos=True)
     rows = []
     for text in choices:
         if not text:
@@ -225,7 +236,7 @@ def generate_cmd(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", "-n", help="Tokens to generate at most (stops at EOS).")] = 64,
     temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy; otherwise sample at this temperature.")] = 0.0,
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens.")] = None,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling (same seed, same text).")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=-(1 << 63), max=(1 << 64) - 1, help="Seed for sampling (same seed, same text).")] = None,
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Wrap the prompt in the OpenELM-Instruct chat template (default: on for tuned runs).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="byte, tokenizer.model or tokenizer.json (default: the one the run's data used).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
@@ -242,12 +253,17 @@ def generate_cmd(
     """
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens {max_new_tokens}: must be >= 1")
-    if temperature < 0:
-        raise UsageError(f"--temperature {temperature}: must be >= 0 (0 is greedy)")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise UsageError(f"--temperature {temperature}: must be a finite number >= 0 (0 is greedy)")
     if top_k is not None and top_k < 1:
         raise UsageError(f"--top-k {top_k}: must be >= 1")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device {device!r}: expected cpu or cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA GPU is visible to torch", "use --device cpu (the default)")
     if choice and not all(choice):
         raise UsageError("--choice is empty", "give each answer some text")
     src = resolve_source(source, store)
@@ -264,14 +280,15 @@ def generate_cmd(
         emit_json(result)
         return
     out = console()
-    out.print(f"[dim]{src.label}, {src.run_kind or 'model'}, step {src.step}; "
-              f"{'chat template' if use_chat else 'plain prompt'}; tokenizer {tok.spec}[/]", markup=True)
-    out.print(f"[bold]prompt:[/] {prompt}", markup=True, highlight=False)
+    # user and model text is shown as it is: no markup, control characters as \xNN escapes
+    out.print(f"[dim]{safe_markup(src.label)}, {src.run_kind or 'model'}, step {src.step}; "
+              f"{'chat template' if use_chat else 'plain prompt'}; tokenizer {safe_markup(tok.spec)}[/]", markup=True)
+    out.print(f"[bold]prompt:[/] {safe_markup(prompt, keep_newlines=True)}", markup=True, highlight=False)
     out.print("[bold]output:[/] ", end="", markup=True)
-    out.print(result["completion"], markup=False, highlight=False)
+    out.print(plain_text(result["completion"], keep_newlines=True), markup=False, highlight=False)
     out.print(f"[dim]{result['new_tokens']} tokens in {result['seconds']:.2f}s"
               + (" (stopped at EOS)" if result["stopped_at_eos"] else "") + "[/]", markup=True)
     for row in result.get("choices", []):
         mark = "[bold green]<- pick[/]" if row["text"] == result["pick"] else ""
-        out.print(f"[bold]choice[/] {row['text']!r}: log p {row['logprob']:.3f} ({row['tokens']} tokens) {mark}",
+        out.print(f"[bold]choice[/] {safe_markup(repr(row['text']))}: log p {row['logprob']:.3f} ({row['tokens']} tokens) {mark}",
                   markup=True, highlight=False)

@@ -101,12 +101,13 @@ def _app_for(argv: list[str]) -> typer.Typer:
 
 def _print_error(exc: ElmctlError) -> None:
     from rich.console import Console
-    from rich.markup import escape
+
+    from elmctl.cli._common import safe_markup  # messages quote user input: no markup, no raw control characters
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
-    console.print(f"[bold red]error:[/] {escape(exc.message)}", markup=True, emoji=False)
+    console.print(f"[bold red]error:[/] {safe_markup(exc.message, keep_newlines=True)}", markup=True, emoji=False)
     if exc.hint:
-        console.print(f"[dim]hint:[/] {escape(exc.hint)}", markup=True, emoji=False)
+        console.print(f"[dim]hint:[/] {safe_markup(exc.hint, keep_newlines=True)}", markup=True, emoji=False)
 
 
 def main(argv: list[str] | None = None) -> int:

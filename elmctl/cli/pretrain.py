@@ -6,7 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from elmctl.cli._common import Format, FormatOpt, SetOpt, StoreOpt, console, emit_json
+from elmctl.cli._common import (MAX_PROCS, MAX_MICRO_BATCH, MAX_STEPS, Format, FormatOpt, SetOpt, StoreOpt, console,
+                                emit_json, name_option, safe_markup)
 from elmctl.errors import RuntimeFailure
 
 
@@ -19,14 +20,14 @@ def pretrain(
     data: Annotated[Optional[str], typer.Option("--data", help="Prepared token folder (elmctl data prepare / data demo).")] = None,
     gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU count, 'all' (default) or indices '0,3'.")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cuda (default) or cpu.")] = None,
-    nproc: Annotated[Optional[int], typer.Option("--nproc", help="CPU only: gloo processes (tests the distributed path).")] = None,
-    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Stop after this many optimizer steps (default: recipe's max_iterations).")] = None,
-    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", help="Sequences per process per forward pass.")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", help="Steps between checkpoints.")] = None,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", help="Steps between validation passes.")] = None,
-    log_every: Annotated[Optional[int], typer.Option("--log-every", help="Steps between metric flushes (default 1 on CPU, 10 on GPU).")] = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, max=MAX_PROCS, help="CPU only: gloo processes (tests the distributed path).")] = None,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, max=MAX_STEPS, help="Stop after this many optimizer steps (default: recipe's max_iterations).")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option("--micro-batch", min=1, max=MAX_MICRO_BATCH, help="Sequences per process per forward pass.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", min=1, max=MAX_STEPS, help="Steps between checkpoints.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", min=1, max=MAX_STEPS, help="Steps between validation passes.")] = None,
+    log_every: Annotated[Optional[int], typer.Option("--log-every", min=1, max=MAX_STEPS, help="Steps between metric flushes (default 1 on CPU, 10 on GPU).")] = None,
     set_: SetOpt = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="A name to refer to the run by.")] = None,
+    name: Annotated[Optional[str], name_option("--name", "A name to refer to the run by.")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue this run (id or name) from its newest good checkpoint.")] = None,
     allow_topology_change: Annotated[bool, typer.Option("--allow-topology-change", help="Resume with another process count or global batch.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
@@ -72,11 +73,11 @@ def pretrain(
     else:
         color = {"completed": "green", "cancelled": "yellow"}.get(result["status"], "red")
         loss = result.get("metrics", {}).get("loss")
-        named = f" ({result['label']})" if result["label"] != result["run_id"] else ""
+        named = f" ({safe_markup(result['label'])})" if result["label"] != result["run_id"] else ""
         out.print(f"run [bold]{result['run_id']}[/]{named}: [{color}]{result['status']}[/] at step "
-                  f"{result['step']}" + (f", loss {loss:.4f}" if loss is not None else "") + f"  ({result['run_dir']})")
+                  f"{result['step']}" + (f", loss {loss:.4f}" if loss is not None else "") + f"  ({safe_markup(result['run_dir'])})")
         if result["status"] == "cancelled":
-            out.print(f"resume with: elmctl pretrain --resume {result['label']}")
+            out.print(f"resume with: elmctl pretrain --resume {safe_markup(result['label'])}")
     if result["status"] in ("failed", "diverged"):
         raise RuntimeFailure(f"run {result['label']} {result['status']}: {result.get('error') or 'see train.log'}",
                              hint=f"look at {result['run_dir']}/train.log" +
@@ -93,11 +94,11 @@ def _print_plan(out, plan, resume, short: bool = False) -> None:
     if plan.memory_gib is not None:
         out.print(f"memory estimate {plan.memory_gib:.1f} GiB per GPU of {plan.gpu_mem_gib or 0:.0f} GiB "
                   f"({'fits' if plan.fits else 'may NOT fit'})")
-    out.print(f"compile: {plan.compile}   data: {plan.data_dir}")
-    out.print("launch: " + ("in this process" if plan.in_process else " ".join(plan.command or [])))
-    out.print(f"run folder: {plan.run_dir}")
+    out.print(f"compile: {plan.compile}   data: {safe_markup(plan.data_dir)}")  # paths and names as typed, never markup
+    out.print("launch: " + ("in this process" if plan.in_process else safe_markup(" ".join(plan.command or []))))
+    out.print(f"run folder: {safe_markup(plan.run_dir)}")
     for note in plan.notes:
-        out.print(f"[yellow]note:[/] {note}")
+        out.print(f"[yellow]note:[/] {safe_markup(note)}")
     out.print("[dim]dry run: nothing was written[/]")
 
 
@@ -132,7 +133,8 @@ class _Progress:
             self.out.print(f"step {step}/{self.total} {desc}")
 
     def event(self, msg: str) -> None:
-        if self.quiet or msg.startswith("step "):
+        # "failed: ..." precedes an exception that main() prints once: not echoed here as well
+        if self.quiet or msg.startswith(("step ", "failed: ")):
             return
         (self.bar.console if self.bar else self.out).print(f"[dim]{msg}[/]")
 

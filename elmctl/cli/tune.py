@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from elmctl.cli._common import Format, FormatOpt, SetOpt, StoreOpt, console, emit_json
+from elmctl.cli._common import Format, FormatOpt, SetOpt, StoreOpt, console, emit_json, name_option, safe_markup
 from elmctl.cli._tune_opts import BaseOpt, DataOpt, DeviceOpt, LossOpt, PrecomputeOpt, RecipeOpt, check_loss, select_devices
 from elmctl.cli._tune_sweep import sweep_cmd
 from elmctl.errors import RuntimeFailure, UsageError
@@ -30,19 +30,19 @@ def tune_cmd(
     base: BaseOpt,
     data: DataOpt,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: the recipe's, Table 10).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (default: the recipe's).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, max=1000, help="Epochs (default: the recipe's).")] = None,
     loss: LossOpt = None,
     gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU count, 'all' or indices (0,3).")] = None,
     device: DeviceOpt = None,
-    name: Annotated[Optional[str], typer.Option("--name", help="Run name (unique in the store).")] = None,
+    name: Annotated[Optional[str], name_option("--name", "Run name (unique in the store).")] = None,
     store: StoreOpt = None,
     set_: SetOpt = None,
     precompute_ref: PrecomputeOpt = False,
     fmt: FormatOpt = Format.table,
     run_id: Annotated[Optional[str], typer.Option("--run-id", hidden=True)] = None,
     trial_of: Annotated[Optional[str], typer.Option("--trial-of", hidden=True)] = None,
-    trial_number: Annotated[Optional[int], typer.Option("--trial-number", hidden=True)] = None,
-    master_port: Annotated[Optional[int], typer.Option("--master-port", hidden=True)] = None,
+    trial_number: Annotated[Optional[int], typer.Option("--trial-number", min=0, hidden=True)] = None,
+    master_port: Annotated[Optional[int], typer.Option("--master-port", min=1, max=65535, hidden=True)] = None,
     resume_from: Annotated[Optional[str], typer.Option("--resume-from", hidden=True, help="Earlier attempts' run ids (tune-sweep retries): continue from the first compatible checkpoint.")] = None,
 ) -> None:
     """Instruction-tune a base model with DPO (sigmoid), hinge or SFT, Table 10 style.
@@ -89,6 +89,9 @@ def tune_cmd(
     elif resume_from:
         config["resume_skipped"] = "; ".join(notes) or "no checkpoint"
     if run_id:  # a sweep trial: keep what the driver recorded (attempt, slot)
+        # Taken atomically for this process first: a second process started on the same trial run
+        # stops here (naming the first one's pid), and a trial its driver already ended stays ended.
+        st.claim_run(run_id, devices=devices, reopen=False)
         config = {**st.get_run(run_id).config, **config}
         run = st.update_run(run_id, recipe_id=rec.id, recipe=rec.model_dump(mode="json"), devices=devices,
                             config=config, **({"name": name} if name else {}))
@@ -107,7 +110,7 @@ def tune_cmd(
     err = console(stderr=True)
     quiet = fmt == Format.json
     if not quiet:
-        err.print(f"tune run [bold]{run.label}[/] ({run.id}): {loss}, lr {lr:g}, {epochs} epochs, base {b.label}, "
+        err.print(f"tune run [bold]{safe_markup(run.label)}[/] ({run.id}): {loss}, lr {lr:g}, {epochs} epochs, base {safe_markup(b.label)}, "
                   f"{world} x {micro} x {accum} pairs/step on {devices}")
     if not quiet and world > 1 and resume_from:  # in-process, run_tune's own log lines say it
         from rich.markup import escape
@@ -156,7 +159,9 @@ def _tune_in_process(run_dir: Path, gpu_list: list[int], run_id: str, err) -> st
             from elmctl.launch.locks import acquire
 
             lease = acquire(gpu_list, run_id)
-        result = run_tune(run_dir, should_stop=lambda: stop["flag"], on_event=(lambda m: err.print(m)) if err else None)
+        # a failure is raised on to main(), which prints it once: its "failed: ..." log line is not echoed too
+        result = run_tune(run_dir, should_stop=lambda: stop["flag"],
+                          on_event=(lambda m: m.startswith("failed: ") or err.print(safe_markup(m))) if err else None)
         return result.status
     finally:
         if lease is not None:

@@ -13,6 +13,8 @@
 Every tokenizer has ``.spec`` (what to pass to load it again, e.g. in a worker process),
 ``.fingerprint`` (sha256 of the model file, so a changed file invalidates prepared data),
 ``.vocab_size``, ``.bos_id``, ``.eos_id`` (``bos_id`` may be ``None``), ``.encode`` and ``.decode``.
+``.decode`` skips ids outside ``0..vocab_size-1`` (a model may have more output rows than its
+tokenizer has pieces).
 """
 
 from __future__ import annotations
@@ -127,7 +129,9 @@ class SentencePieceTokenizer:
         return [np.asarray(ids, dtype=np.int64) for ids in out]
 
     def decode(self, ids) -> str:
-        return self._sp.decode([int(i) for i in ids])
+        # ids without a piece are skipped, as ByteTokenizer and HF `tokenizers` do (SentencePiece
+        # raises IndexError): a model may have more output rows than this tokenizer has pieces
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
 
 class HFTokenizer:
@@ -163,7 +167,7 @@ class HFTokenizer:
         return [np.asarray(e.ids, dtype=np.int64) for e in out]
 
     def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+        return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size], skip_special_tokens=False)
 
 
 def load_tokenizer(spec: str | os.PathLike) -> ByteTokenizer | SentencePieceTokenizer | HFTokenizer:

@@ -3,7 +3,9 @@
 Shape legend: B batch, T prompt length, N new tokens, V vocabulary (real tokens only).
 
 Sampling only considers the real vocabulary (``config.vocab_size``): rows beyond it (the pad id and
-the padding up to ``padded_vocab_size``) are never tokens a tokenizer can decode.
+the padding up to ``padded_vocab_size``) are never tokens a tokenizer can decode. A tokenizer with
+fewer pieces than that (a tiny model trained on a small tokenizer's data) passes ``vocab_size`` so
+that ids it has no piece for are never sampled either.
 """
 
 from __future__ import annotations
@@ -20,7 +22,12 @@ def _next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
     """logits [B, V] (fp32) -> token ids [B]."""
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    scaled = logits / temperature
+    if not bool(torch.isfinite(scaled).all()):
+        # a temperature so small that the logits overflow (that is greedy), or a model emitting
+        # inf/nan: softmax would give nan probabilities and multinomial would raise
+        return torch.nan_to_num(logits, nan=float("-inf")).argmax(dim=-1)
+    logits = scaled
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -37,6 +44,7 @@ def generate(
     top_k: int | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Extend ``input_ids`` by up to ``max_new_tokens`` tokens.
 
@@ -49,9 +57,14 @@ def generate(
         eos_id: stop a row once it produced this id; finished rows are filled with it. Decoding ends
             early when every row is finished.
         generator: torch.Generator for reproducible sampling.
+        vocab_size: sample only ids below this (the tokenizer's vocabulary, when it has fewer
+            pieces than the model has rows); default and upper limit: ``model.config.vocab_size``.
 
     Returns:
         LongTensor [B, T + n] (or [T + n] for a 1-D prompt), n <= max_new_tokens.
+
+    Raises:
+        ValueError: a malformed ``input_ids``, or ``vocab_size`` outside 1..config.vocab_size.
     """
     squeeze = input_ids.dim() == 1
     ids = input_ids[None] if squeeze else input_ids
@@ -62,6 +75,10 @@ def generate(
         return input_ids.clone()
     B, T = ids.shape
     vocab = model.config.vocab_size
+    if vocab_size is not None:
+        if not 1 <= vocab_size <= vocab:
+            raise ValueError(f"vocab_size must lie in 1..{vocab} (the model's vocabulary), got {vocab_size}")
+        vocab = vocab_size
     was_training = model.training
     model.eval()
     try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from elmctl.store._names import NAME_MAX_CHARS, NAME_RULE, check_name
 from elmctl.store._records import (
     ACTIVE_STATUSES,
     STATUSES,
@@ -43,6 +44,9 @@ __all__ = [
     "home",
     "runs_dir",
     "display_url",
+    "check_name",
+    "NAME_RULE",
+    "NAME_MAX_CHARS",
 ]
 
 

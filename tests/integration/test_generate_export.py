@@ -45,12 +45,12 @@ def test_generate_from_runs_picks_the_template_by_run_kind(cli, runs):
     url = runs[0]
     pre = _gen(cli, "pre", "--prompt", Q, "-n", "6", "--store", url)
     assert pre["run_kind"] == "pretrain" and pre["chat"] is False and pre["step"] == 4 and pre["tokenizer"] == "byte"
-    assert 1 <= pre["new_tokens"] <= 6 and pre["prompt_tokens"] == len(Q.encode())
+    assert 1 <= pre["new_tokens"] <= 6 and pre["prompt_tokens"] == len(Q.encode()) + 1  # BOS + the bytes
     assert _gen(cli, "pre", "--prompt", Q, "-n", "6", "--store", url)["completion"] == pre["completion"]  # greedy
     tuned = _gen(cli, "tuned", "--prompt", Q, "-n", "6", "--store", url)
     assert tuned["run_kind"] == "tune" and tuned["chat"] is True and tuned["prompt_tokens"] > len(Q.encode()) + 20
     plain = _gen(cli, "tuned", "--prompt", Q, "-n", "6", "--no-chat", "--store", url)
-    assert plain["chat"] is False and plain["prompt_tokens"] == len(Q.encode())
+    assert plain["chat"] is False and plain["prompt_tokens"] == len(Q.encode()) + 1
     a = _gen(cli, "tuned", "--prompt", Q, "-n", "12", "-t", "1.0", "--top-k", "20", "--seed", "3", "--store", url)
     b = _gen(cli, "tuned", "--prompt", Q, "-n", "12", "-t", "1.0", "--top-k", "20", "--seed", "3", "--store", url)
     assert a["completion"] == b["completion"]
