@@ -30,7 +30,8 @@ def pretrain(
     name: Annotated[Optional[str], name_option("--name", "A name to refer to the run by.")] = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="Continue this run (id or name) from its newest good checkpoint.")] = None,
     allow_topology_change: Annotated[bool, typer.Option("--allow-topology-change", help="Resume with another process count or global batch.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing. Plans for --gpus N even where this machine lacks them.")] = False,
+    gpu_mem: Annotated[Optional[float], typer.Option("--gpu-mem", min=1, max=4096, help="GiB of one GPU to plan for (default: the GPUs found; without them an H100's 80).")] = None,
     no_compile: Annotated[bool, typer.Option("--no-compile", help="Do not torch.compile the model (GPU).")] = False,
     wait: Annotated[bool, typer.Option("--wait", help="Queue until the GPUs are free instead of failing.")] = False,
     store: StoreOpt = None,
@@ -51,7 +52,7 @@ def pretrain(
         micro_batch=micro_batch, checkpoint_every=checkpoint_every, eval_every=eval_every, log_every=log_every,
         overrides=list(set_ or []), name=name, resume=resume, allow_topology_change=allow_topology_change,
         compile=not no_compile, wait=wait, store=store, nnodes=nnodes, node_rank=node_rank,
-        rdzv_endpoint=rdzv_endpoint, slurm=slurm,
+        rdzv_endpoint=rdzv_endpoint, slurm=slurm, gpu_mem=gpu_mem, dry_run=dry_run,
     )
     out = console()
     plan, recipe_obj = prepare(req)
@@ -85,15 +86,20 @@ def pretrain(
 
 
 def _print_plan(out, plan, resume, short: bool = False) -> None:
-    dev = "CPU" if plan.device == "cpu" else f"GPUs {','.join(map(str, plan.gpus))} ({plan.gpu_name})"
+    if plan.device == "cpu":
+        dev = "CPU"
+    elif plan.planned_only:
+        dev = f"{plan.world_size} planned GPU{'s' if plan.world_size != 1 else ''}"
+    else:
+        dev = f"GPUs {','.join(map(str, plan.gpus))} ({plan.gpu_name})"
     out.print(f"[bold]{'resume' if resume else 'pretrain'}[/] {plan.recipe_id} on {dev}: "
               f"{plan.micro_batch} micro-batch x {plan.grad_accumulation} accumulation x {plan.world_size} "
               f"process(es) = {plan.global_batch} sequences of {plan.seq_len} tokens per step, {plan.max_steps} steps")
     if short:
         return
     if plan.memory_gib is not None:
-        out.print(f"memory estimate {plan.memory_gib:.1f} GiB per GPU of {plan.gpu_mem_gib or 0:.0f} GiB "
-                  f"({'fits' if plan.fits else 'may NOT fit'})")
+        out.print(f"memory estimate {plan.memory_gib:.1f} GiB per GPU of {plan.gpu_mem_gib or 0:g} GiB "
+                  f"({'fits' if plan.fits or plan.fits is None else 'may NOT fit'}); sharding: {plan.sharding}")
     out.print(f"compile: {plan.compile}   data: {safe_markup(plan.data_dir)}")  # paths and names as typed, never markup
     out.print("launch: " + ("in this process" if plan.in_process else safe_markup(" ".join(plan.command or []))))
     out.print(f"run folder: {safe_markup(plan.run_dir)}")

@@ -205,56 +205,33 @@ def batch_plan(
     gpu: str = "H100",
     mfu: float = 0.5,
 ) -> dict[str, Any]:
-    """How to keep the recipe's global batch on ``gpus`` local GPUs, and whether it fits.
+    """``recipe show --gpus``: the pre-training plan of :func:`elmctl.config.plan.pretrain_plan`
+    (the one pretrain --dry-run and the launch use) plus the time it takes.
 
-    The micro-batch is the largest one (at most the recipe's sequences per GPU, unless given) that
-    divides the per-GPU share of the global batch and fits in ``gpu_mem_gib``.
+    Raises:
+        UsageError: the global batch does not split over ``gpus`` (see :func:`elmctl.config.plan.split_batch`).
     """
+    from elmctl.config.plan import pretrain_plan
+
     pt, model = recipe.pretrain, recipe.model
-    global_seqs = pt.sequences_per_gpu * pt.num_gpus
-    shards = gpus if pt.fsdp else 1
-    budget = gpu_mem_gib * GIB
-    notes: list[str] = []
-    exact = global_seqs % gpus == 0
-    per_gpu = max(1, global_seqs // gpus)
-    if not exact:
-        notes.append(
-            f"global batch {global_seqs} sequences is not divisible by {gpus} GPUs; "
-            f"using {per_gpu * gpus} sequences per step"
-        )
-
-    def mem(m: int) -> float:
-        return memory_estimate(model, m, checkpointing=pt.activation_checkpointing, fsdp_shards=shards)["total"]
-
-    if micro_batch is None:
-        candidates = [m for m in range(min(pt.sequences_per_gpu, per_gpu), 0, -1) if per_gpu % m == 0]
-        micro_batch = next((m for m in candidates if mem(m) <= budget), candidates[-1])
-    elif per_gpu % micro_batch:
-        notes.append(f"micro-batch {micro_batch} does not divide {per_gpu} sequences per GPU per step")
-    accumulation = max(1, per_gpu // micro_batch)
-    est = memory_estimate(model, micro_batch, checkpointing=pt.activation_checkpointing, fsdp_shards=shards)
-    est_no_ckpt = memory_estimate(model, micro_batch, checkpointing=False, fsdp_shards=shards)
-    tokens_total = global_seqs * model.context_length * pt.max_iterations
+    plan = pretrain_plan(recipe, gpus, gpu_mem_gib=gpu_mem_gib, micro_batch=micro_batch)
+    est_no_ckpt = memory_estimate(model, plan.micro_batch, checkpointing=False, fsdp_shards=plan.shards)
+    tokens_total = plan.global_batch * model.context_length * pt.max_iterations
     total_flops = flops_per_token(model) * tokens_total
     peak = GPU_PEAK_BF16_FLOPS.get(gpu.upper(), GPU_PEAK_BF16_FLOPS["H100"])
-    days = total_flops / (gpus * peak * mfu) / 86400
     return {
+        **plan.to_dict(),
         "gpus": gpus,
-        "micro_batch": micro_batch,
-        "grad_accumulation": accumulation,
-        "global_batch_sequences": micro_batch * accumulation * gpus,
-        "recipe_global_batch_sequences": global_seqs,
-        "keeps_global_batch": micro_batch * accumulation * gpus == global_seqs,
+        "global_batch_sequences": plan.global_batch,
+        "recipe_global_batch_sequences": plan.global_batch,
+        "keeps_global_batch": True,
         "activation_checkpointing": pt.activation_checkpointing,
-        "fsdp_shards": shards,
-        "memory_gib": est["total"] / GIB,
+        "fsdp_shards": plan.shards,
+        "memory_gib": plan.memory_gib_per_gpu,
         "memory_gib_without_checkpointing": est_no_ckpt["total"] / GIB,
-        "gpu_mem_gib": gpu_mem_gib,
-        "fits": est["total"] <= budget,
         "gpu": gpu.upper(),
         "mfu": mfu,
-        "days": days,
-        "notes": notes,
+        "days": total_flops / (gpus * peak * mfu) / 86400,
     }
 
 

@@ -44,10 +44,44 @@ class PretrainRequest:
     node_rank: int = 0
     rdzv_endpoint: str | None = None
     slurm: bool = False
+    gpu_mem: float | None = None  # GiB per GPU to plan for (default: the GPUs found, else an H100's 80)
+    dry_run: bool = False  # plan only: GPUs this machine lacks are planned for, not refused
+
+
+def planned_hardware(count: int, gpu_mem: float | None, found: list) -> str:
+    """'8 x H100 80 GB (this machine has none)': what a plan for GPUs this machine lacks is for."""
+    what = "H100 80 GB" if gpu_mem is None else f"{gpu_mem:g} GiB GPU"
+    has = "none" if not found else f"{len(found)} GPU{'s' if len(found) != 1 else ''}"
+    return f"planned for {count} \u00d7 {what} (this machine has {has})"
+
+
+def planned_count(gpus_arg: str | None) -> int:
+    """The GPU count ``--gpus`` asks for, for planning without the GPUs (a count or an index list).
+
+    Raises:
+        UsageError: ``all`` (or no --gpus) on a machine without GPUs, or a malformed value.
+    """
+    text = (gpus_arg or "all").strip().lower()
+    if text == "all":
+        raise UsageError("no GPU found, so --gpus all plans for nothing",
+                         hint="give the count to plan for, e.g. --gpus 8 (with --gpu-mem GIB; default 80, an H100)")
+    if text.isdigit():
+        if int(text) < 1:
+            raise UsageError(f"--gpus {gpus_arg}: need at least one GPU", hint="use --device cpu to train on the CPU")
+        return int(text)
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if parts and all(x.isdigit() for x in parts) and len(set(parts)) == len(parts):
+        return len(parts)
+    raise UsageError(f"--gpus {gpus_arg!r} is not a count, 'all' or a comma list of indices",
+                     hint="e.g. --gpus 8, --gpus all, --gpus 0,1,2,3")
 
 
 def _resolve_devices(req: PretrainRequest, saved: dict[str, Any]):
-    """(device, gpu indices, gpu name, gpu memory GiB, processes on this node)."""
+    """(device, gpu indices, gpu name, gpu memory GiB, processes on this node, planned-for note or None).
+
+    A dry run asking for GPUs this machine does not have plans for them (``--gpu-mem``, default an
+    H100's 80 GiB) and returns the note that says so; a real launch refuses (:func:`gpus.select`).
+    """
     from elmctl.launch import gpus as G
 
     device = req.device or saved.get("device") or "cuda"
@@ -57,17 +91,27 @@ def _resolve_devices(req: PretrainRequest, saved: dict[str, Any]):
         if req.gpus not in (None, "", "0"):
             raise UsageError(f"--gpus {req.gpus} conflicts with --device cpu", hint="drop one of the two options")
         nproc = req.nproc or (saved.get("nproc") if req.device is None else None) or 1
-        return "cpu", [], None, None, int(nproc)
+        return "cpu", [], None, None, int(nproc), None
     if req.nproc is not None:
         raise UsageError("--nproc is for CPU processes (--device cpu); on GPUs use --gpus")
     from elmctl.launch.locks import holders
 
     found = G.discover()
     spec = req.gpus if req.gpus is not None else saved.get("gpus_arg")
-    chosen = G.select(spec, found, device="cuda", busy=set(holders()))
+    try:
+        chosen = G.select(spec, found, device="cuda", busy=set(holders()))
+    except UsageError:
+        if not req.dry_run:
+            raise
+        # No such GPUs here: a dry run plans for them anyway (the cluster job planned from a laptop).
+        count = planned_count(None if spec is None else str(spec))
+        mem = req.gpu_mem if req.gpu_mem is not None else 80.0
+        return ("cuda", list(range(count)), "H100" if req.gpu_mem is None else None, mem, count,
+                planned_hardware(count, req.gpu_mem, found))
     info = {g.index: g for g in found}
     first = info.get(chosen[0]) if chosen else None
-    return "cuda", chosen, (first.name if first else None), (first.memory_gib if first else None), len(chosen)
+    mem = req.gpu_mem if req.gpu_mem is not None else (first.memory_gib if first else None)
+    return "cuda", chosen, (first.name if first else None), mem, len(chosen), None
 
 
 def prepare(req: PretrainRequest):
@@ -95,13 +139,16 @@ def prepare(req: PretrainRequest):
     else:
         if not req.recipe:
             raise UsageError("--recipe is required", hint="e.g. --recipe tiny (see: elmctl recipe list)")
-        if not req.data:
+        if not req.data and not req.dry_run:
             raise UsageError("--data is required", hint="prepare data with `elmctl data prepare` or `elmctl data demo`")
         recipe = load_recipe(req.recipe, req.overrides or None)
         data_dir = req.data
-    data_dir = str(resolve_data_dir(data_dir, "pretrain").resolve())
-    _check_vocab(data_dir, recipe)
-    device, gpu_ids, gpu_name, gpu_mem, nproc = _resolve_devices(req, saved)
+    if data_dir is None:  # a dry run plans without data
+        data_dir = "<--data not given>"
+    else:
+        data_dir = str(resolve_data_dir(data_dir, "pretrain").resolve())
+        _check_vocab(data_dir, recipe)
+    device, gpu_ids, gpu_name, gpu_mem, nproc, planned_for = _resolve_devices(req, saved)
     compile_model = req.compile and device == "cuda"
     plan = make_plan(
         recipe, device=device, gpus=gpu_ids, gpu_name=gpu_name, gpu_mem_gib=gpu_mem, nproc=nproc, nnodes=req.nnodes,
@@ -111,6 +158,9 @@ def prepare(req: PretrainRequest):
         worker_args=["elmctl.train.worker", "--run-dir", run_dir], rdzv_endpoint=req.rdzv_endpoint,
         node_rank=req.node_rank, slurm=req.slurm,
     )
+    if planned_for:
+        plan.planned_only = True
+        plan.notes.insert(0, planned_for)
     if req.resume:
         _check_topology(req, plan)
     return plan, recipe

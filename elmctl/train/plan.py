@@ -12,7 +12,7 @@ from typing import Any
 
 from elmctl.errors import UsageError
 
-__all__ = ["PretrainPlan", "split_batch", "check_nodes", "make_plan", "topology_diff"]
+__all__ = ["PretrainPlan", "check_nodes", "make_plan", "topology_diff"]
 
 
 @dataclass
@@ -38,35 +38,15 @@ class PretrainPlan:
     command: list[str] | None
     run_dir: str
     data_dir: str
+    processes: int = 1  # world size, under the name every plan uses (elmctl.config.plan.BatchPlan)
+    sharding: str = "none"
+    memory_gib_per_gpu: float | None = None
+    memory_parts_gib: dict[str, float] = field(default_factory=dict)
+    planned_only: bool = False  # GPUs this machine does not have (a dry run): nothing can launch
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def split_batch(global_batch: int, world_size: int, micro_batch: int | None, max_micro: int) -> tuple[int, int]:
-    """(micro_batch, grad_accumulation) with micro * accumulation * world == global batch.
-
-    Raises:
-        UsageError: the global batch does not split over the processes or the micro-batch.
-    """
-    if global_batch % world_size:
-        ok = [w for w in range(1, global_batch + 1) if global_batch % w == 0]
-        raise UsageError(
-            f"the recipe's global batch of {global_batch} sequences does not split over {world_size} processes",
-            hint=f"use a process count that divides it: {', '.join(map(str, ok))}",
-        )
-    per_rank = global_batch // world_size
-    if micro_batch is None:
-        micro_batch = max(m for m in range(1, min(per_rank, max_micro) + 1) if per_rank % m == 0)
-    if micro_batch < 1 or per_rank % micro_batch:
-        ok = [m for m in range(1, per_rank + 1) if per_rank % m == 0]
-        raise UsageError(
-            f"--micro-batch {micro_batch} does not divide the {per_rank} sequences each of the {world_size} "
-            f"process(es) handles per step (global batch {global_batch})",
-            hint=f"micro-batch values that work: {', '.join(map(str, ok))}",
-        )
-    return micro_batch, per_rank // micro_batch
 
 
 def check_nodes(nnodes: int, node_rank: int, rdzv_endpoint: str | None, *, slurm: bool = False) -> None:
@@ -124,35 +104,13 @@ def make_plan(
     Raises:
         UsageError: bad node options (:func:`check_nodes`), a batch that does not split.
     """
-    from elmctl.config.derived import GIB, memory_estimate
+    from elmctl.config.plan import pretrain_plan
 
     check_nodes(nnodes, node_rank, rdzv_endpoint, slurm=slurm)
 
-    pt, mcfg = recipe.pretrain, recipe.model
     world = nproc * nnodes
-    global_batch = pt.sequences_per_gpu * pt.num_gpus
-    notes = []
-    max_micro = pt.sequences_per_gpu
-    if micro_batch is None and device == "cuda" and gpu_mem_gib:
-        # Largest micro-batch the estimate fits in this GPU's memory.
-        per_rank = global_batch // world if global_batch % world == 0 else 1
-        for m in sorted((m for m in range(1, min(per_rank, max_micro) + 1) if per_rank % m == 0), reverse=True):
-            est = memory_estimate(mcfg, m, checkpointing=pt.activation_checkpointing,
-                                  fsdp_shards=world if pt.fsdp else 1)["total"] / GIB
-            if est <= gpu_mem_gib * 0.95:
-                max_micro = m
-                break
-        else:
-            max_micro = 1
-    micro, accum = split_batch(global_batch, world, micro_batch, max_micro)
-    mem = fits = None
-    if device == "cuda":
-        mem = memory_estimate(mcfg, micro, checkpointing=pt.activation_checkpointing,
-                              fsdp_shards=world if pt.fsdp else 1)["total"] / GIB
-        fits = gpu_mem_gib is None or mem <= gpu_mem_gib
-        if not fits:
-            notes.append(f"estimated {mem:.1f} GiB per GPU exceeds {gpu_mem_gib:.0f} GiB: try --micro-batch 1 "
-                         "or a recipe with activation_checkpointing")
+    batch = pretrain_plan(recipe, world, gpu_mem_gib=gpu_mem_gib, micro_batch=micro_batch, on_gpu=device == "cuda")
+    notes = list(batch.notes)
     in_process = world == 1
     command = None
     if not in_process:
@@ -167,12 +125,14 @@ def make_plan(
             command = build_command(nproc, worker_args, nnodes=nnodes, node_rank=node_rank,
                                     rdzv_endpoint=rdzv_endpoint, python=sys.executable,
                                     rdzv_backend="static" if rdzv_endpoint else "c10d")
-    steps = max_steps if max_steps is not None else pt.max_iterations
+    steps = max_steps if max_steps is not None else recipe.pretrain.max_iterations
     return PretrainPlan(
         recipe_id=recipe.id, device=device, gpus=list(gpus), gpu_name=gpu_name, gpu_mem_gib=gpu_mem_gib,
-        nproc=nproc, nnodes=nnodes, world_size=world, micro_batch=micro, grad_accumulation=accum,
-        global_batch=global_batch, seq_len=mcfg.context_length, max_steps=steps,
-        tokens_per_step=global_batch * mcfg.context_length, memory_gib=mem, fits=fits, compile=compile_model,
+        nproc=nproc, nnodes=nnodes, world_size=world, micro_batch=batch.micro_batch,
+        grad_accumulation=batch.grad_accumulation, global_batch=batch.global_batch, seq_len=batch.seq_len,
+        max_steps=steps, tokens_per_step=batch.global_batch * batch.seq_len, memory_gib=batch.memory_gib_per_gpu,
+        fits=batch.fits, compile=compile_model, processes=batch.processes, sharding=batch.sharding,
+        memory_gib_per_gpu=batch.memory_gib_per_gpu, memory_parts_gib=batch.memory_parts_gib,
         in_process=in_process, command=command, run_dir=run_dir, data_dir=data_dir, notes=notes,
     )
 

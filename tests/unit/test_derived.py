@@ -171,9 +171,13 @@ def test_batch_plan_small_gpu_shrinks_micro_batch_or_does_not_fit():
     assert tiny_gpu["fits"] is False and tiny_gpu["micro_batch"] == 1
 
 
-def test_batch_plan_uneven_gpus_notes_it():
-    plan = batch_plan(load_recipe("270m"), 3)
-    assert not plan["keeps_global_batch"] and plan["notes"]
+def test_batch_plan_uneven_gpus_is_an_error():
+    # #12: 3 GPUs used to get a silent 11 x 62 = 2,046-sequence plan; now the same error as pretrain/tune.
+    from elmctl.errors import UsageError
+
+    with pytest.raises(UsageError, match="does not split over 3 processes") as exc:
+        batch_plan(load_recipe("270m"), 3)
+    assert "1, 2, 4, 8" in exc.value.hint
 
 
 def test_derive_json_keys():
