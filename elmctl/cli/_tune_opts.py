@@ -26,8 +26,18 @@ def check_loss(loss: str | None, recipe) -> str:
 
 def select_devices(gpus: str | None, device: str | None) -> list[int]:
     """[] for CPU, else the physical GPU indices to use."""
+    return plan_devices(gpus, device)[0]
+
+
+def plan_devices(gpus: str | None, device: str | None, *, gpu_mem: float | None = None,
+                 dry_run: bool = False) -> tuple[list[int], float | None, str | None]:
+    """(GPU indices ([] for CPU), GiB per GPU to plan for, planned-for note): a dry run plans for
+    GPUs this machine lacks (see :func:`elmctl.launch.gpus.plan_gpus`)."""
     if device not in (None, "cpu", "cuda", "gpu"):
         raise UsageError(f"--device {device!r}: expected cpu (GPUs are the default)")
-    from elmctl.launch.gpus import discover, select
+    from elmctl.launch.gpus import discover, plan_gpus, select
 
-    return select(gpus, [] if device == "cpu" else discover(), device="cpu" if device == "cpu" else None)
+    if device == "cpu":
+        return select(gpus, [], device="cpu"), None, None
+    chosen, _name, mem, note = plan_gpus(gpus, discover(), gpu_mem=gpu_mem, dry_run=dry_run)
+    return chosen, mem, note

@@ -97,7 +97,7 @@ def sweep_cmd(
     from elmctl.sweep.driver import SweepDriver
     from elmctl.sweep.scheduler import plan_slots
     from elmctl.sweep.spec import METRIC_DIRECTIONS, SweepSpec
-    from elmctl.train.tune_batches import plan_batch
+    from elmctl.config.plan import tune_plan
     from elmctl.train.tune_inputs import check_base, check_preference_data, resolve_base
 
     # every check happens here, before the study or any process exists
@@ -131,7 +131,7 @@ def sweep_cmd(
         slots = plan_slots(device="cpu", parallel=parallel)
     else:
         slots = plan_slots(device="cuda", gpus=select_devices(gpus or "all", device), gpus_per_trial=gpus_per_trial)
-    plan_batch(rec.instruct, 1 if device == "cpu" else gpus_per_trial)
+    tune_plan(rec, 1 if device == "cpu" else gpus_per_trial, on_gpu=False)  # the batch splits (UsageError if not)
     # trials get the resolved folder: every cell starts from the same weights even if the base run
     # writes newer checkpoints meanwhile
     spec = SweepSpec(recipe=_recipe_spec(recipe), base=b.path,

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from elmctl.cli._common import Format, FormatOpt, SetOpt, StoreOpt, console, emit_json, name_option, safe_markup
-from elmctl.cli._tune_opts import BaseOpt, DataOpt, DeviceOpt, LossOpt, PrecomputeOpt, RecipeOpt, check_loss, select_devices
+from elmctl.cli._tune_opts import DeviceOpt, LossOpt, PrecomputeOpt, RecipeOpt, check_loss, plan_devices
 from elmctl.cli._tune_sweep import sweep_cmd
 from elmctl.errors import RuntimeFailure, UsageError
 
@@ -25,10 +25,14 @@ def register(app: typer.Typer) -> None:
     app.command("tune-sweep")(sweep_cmd)
 
 
+_BaseOpt = Annotated[Optional[str], typer.Option("--base", help="Starting model: pretrain run id/name (its latest checkpoint), a checkpoint folder, or an Apple HF folder. Not needed with --dry-run.")]
+_DataOpt = Annotated[Optional[str], typer.Option("--data", help="Prepared preference folder (elmctl data prepare --kind preference) or an `elmctl data demo` folder; needs a test split. Not needed with --dry-run.")]
+
+
 def tune_cmd(
     recipe: RecipeOpt,
-    base: BaseOpt,
-    data: DataOpt,
+    base: _BaseOpt = None,
+    data: _DataOpt = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: the recipe's, Table 10).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, max=1000, help="Epochs (default: the recipe's).")] = None,
     loss: LossOpt = None,
@@ -38,6 +42,8 @@ def tune_cmd(
     store: StoreOpt = None,
     set_: SetOpt = None,
     precompute_ref: PrecomputeOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (batch split, sharding, memory fit) and write nothing; plans for --gpus N even where this machine lacks them.")] = False,
+    gpu_mem: Annotated[Optional[float], typer.Option("--gpu-mem", min=1, max=4096, help="GiB of one GPU to plan for (default: the GPUs found; without them an H100's 80).")] = None,
     fmt: FormatOpt = Format.table,
     run_id: Annotated[Optional[str], typer.Option("--run-id", hidden=True)] = None,
     trial_of: Annotated[Optional[str], typer.Option("--trial-of", hidden=True)] = None,
@@ -55,8 +61,8 @@ def tune_cmd(
     Example: elmctl tune --recipe tiny --base my-pretrain --data demo/ --device cpu
     """
     from elmctl.config import load_recipe
+    from elmctl.config.plan import tune_plan
     from elmctl.store import Store
-    from elmctl.train.tune_batches import plan_batch
     from elmctl.train.tune_inputs import check_base, check_preference_data, resolve_base
 
     rec = load_recipe(recipe, set_ or None)
@@ -67,13 +73,23 @@ def tune_cmd(
     if epochs < 1:
         raise UsageError(f"--epochs {epochs}: must be >= 1")
     loss = check_loss(loss, rec)
+    if dry_run:
+        if data is not None:
+            check_preference_data(data, rec)
+        return _dry_run(rec, loss, gpus, device, gpu_mem, precompute_ref, fmt, lr=lr, epochs=epochs,
+                        base_note=None if base is None else "--base is checked when the run starts, not in a dry run")
+    if base is None or data is None:
+        missing = " and ".join(f"--{n}" for n, v in (("base", base), ("data", data)) if v is None)
+        raise UsageError(f"{missing} {'is' if ' and ' not in missing else 'are'} required to tune",
+                         "e.g. --base <pretrain run> --data <preference folder>; --dry-run plans without them")
     st = Store(store)
     data_dir = check_preference_data(data, rec)
     b = resolve_base(base, st)
     check_base(b, rec)
-    gpu_list = select_devices(gpus, device)
+    gpu_list, mem, _ = plan_devices(gpus, device, gpu_mem=gpu_mem)
     world = max(1, len(gpu_list))
-    micro, accum = plan_batch(rec.instruct, world)
+    bp = tune_plan(rec, world, gpu_mem_gib=mem, on_gpu=bool(gpu_list), precompute_ref=precompute_ref, loss=loss)
+    micro, accum = bp.micro_batch, bp.grad_accumulation
     devices = ",".join(map(str, gpu_list)) if gpu_list else "cpu"
     from elmctl.sweep import resume as R
 
@@ -138,6 +154,42 @@ def tune_cmd(
     if final.status != "completed":
         raise RuntimeFailure(f"tune run {run.label} {final.status}: {final.error or ''}".strip(),
                              f"see {run_dir / 'train.log'} or elmctl runs logs {run.id}")
+
+
+def _dry_run(rec, loss: str, gpus: str | None, device: str | None, gpu_mem: float | None, precompute_ref: bool,
+             fmt: Format, *, lr: float, epochs: int, base_note: str | None = None) -> None:
+    """``tune --dry-run``: the plan for the GPUs asked, whether or not this machine has them; no store, no files."""
+    from elmctl.config.plan import tune_plan
+
+    gpu_list, mem, planned = plan_devices(gpus, device, gpu_mem=gpu_mem, dry_run=True)
+    world = max(1, len(gpu_list))
+    bp = tune_plan(rec, world, gpu_mem_gib=mem, on_gpu=bool(gpu_list), precompute_ref=precompute_ref, loss=loss)
+    notes = ([planned] if planned else []) + list(bp.notes) + ([base_note] if base_note else [])
+    if fmt is not Format.table:
+        data = {"plan": {"recipe_id": rec.id, "device": "cuda" if gpu_list else "cpu", "gpus": gpu_list,
+                         "loss": loss, "lr": lr, "epochs": epochs, "precompute_ref": precompute_ref,
+                         **bp.to_dict(), "planned_only": bool(planned), "notes": notes},
+                "writes": "nothing (dry run)"}
+        if fmt is Format.json:
+            return emit_json(data)
+        from elmctl.cli._common import emit_yaml
+
+        return emit_yaml(data)
+    out = console()
+    where = "CPU" if not gpu_list else (f"{world} planned GPU{'s' if world != 1 else ''}" if planned
+                                        else f"GPUs {','.join(map(str, gpu_list))}")
+    out.print(f"[bold]tune[/] {rec.id} on {where}: {loss}, lr {lr:g}, {epochs} epochs; {bp.micro_batch} pairs x "
+              f"{bp.grad_accumulation} accumulation x {bp.processes} process(es) = {bp.global_batch} pairs per step "
+              f"(max length {bp.seq_len})")
+    if bp.memory_gib_per_gpu is not None:
+        parts = ", ".join(f"{k} {v:.1f}" for k, v in bp.memory_parts_gib.items() if k != "total")
+        fit = "fits" if bp.fits or bp.fits is None else "[red]does NOT fit[/]"
+        out.print(f"memory estimate {bp.memory_gib_per_gpu:.1f} GiB per GPU of {bp.gpu_mem_gib:g} GiB ({fit}); "
+                  f"sharding: {bp.sharding} over {bp.shards}; GiB: {parts}")
+    out.print(f"reference: {'precomputed log-probs' if precompute_ref else 'frozen copy of the base'}")
+    for note in notes:
+        out.print(f"[yellow]note:[/] {safe_markup(note)}")
+    out.print("[dim]dry run: nothing was written[/]")
 
 
 def _tune_in_process(run_dir: Path, gpu_list: list[int], run_id: str, err) -> str:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from elmctl.errors import RuntimeFailure, UsageError
 
-__all__ = ["GpuInfo", "discover", "select", "describe"]
+__all__ = ["GpuInfo", "discover", "select", "describe", "planned_count", "planned_for"]
 
 _QUERY = ["--query-gpu=index,name,memory.total,uuid", "--format=csv,noheader,nounits"]
 
@@ -155,3 +155,59 @@ def select(
     if len(set(wanted)) != len(wanted) or not wanted:
         raise UsageError(f"--gpus {gpus_arg}: each GPU index once, at least one", hint="e.g. --gpus 0,1")
     return wanted
+
+
+def planned_for(count: int, gpu_mem: float | None, found: list) -> str:
+    """'8 x H100 80 GB (this machine has none)': what a plan for GPUs this machine lacks is for."""
+    what = "H100 80 GB" if gpu_mem is None else f"{gpu_mem:g} GiB GPU"
+    has = "none" if not found else f"{len(found)} GPU{'s' if len(found) != 1 else ''}"
+    return f"planned for {count} \u00d7 {what} (this machine has {has})"
+
+
+def planned_count(gpus_arg: str | None) -> int:
+    """The GPU count ``--gpus`` asks for, for planning without the GPUs (a count or an index list).
+
+    Raises:
+        UsageError: ``all`` (or no --gpus) on a machine without GPUs, or a malformed value.
+    """
+    text = (gpus_arg or "all").strip().lower()
+    if text == "all":
+        raise UsageError("no GPU found, so --gpus all plans for nothing",
+                         hint="give the count to plan for, e.g. --gpus 8 (with --gpu-mem GIB; default 80, an H100)")
+    if text.isdigit():
+        if int(text) < 1:
+            raise UsageError(f"--gpus {gpus_arg}: need at least one GPU", hint="use --device cpu to train on the CPU")
+        return int(text)
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    if parts and all(x.isdigit() for x in parts) and len(set(parts)) == len(parts):
+        return len(parts)
+    raise UsageError(f"--gpus {gpus_arg!r} is not a count, 'all' or a comma list of indices",
+                     hint="e.g. --gpus 8, --gpus all, --gpus 0,1,2,3")
+
+
+def plan_gpus(
+    gpus_arg: str | None,
+    available: Sequence[GpuInfo],
+    *,
+    gpu_mem: float | None = None,
+    dry_run: bool = False,
+    busy: Collection[int] = (),
+) -> tuple[list[int], str | None, float | None, str | None]:
+    """(indices, GPU name, GiB per GPU to plan for, planned-for note or None) for ``--gpus``.
+
+    A dry run asking for GPUs this machine does not have plans for them (``gpu_mem``, default an
+    H100's 80 GiB) and says so in the note; otherwise :func:`select` decides (and refuses).
+    ``gpu_mem`` given overrides the memory of the GPUs found.
+    """
+    try:
+        chosen = select(gpus_arg, available, device="cuda", busy=busy)
+    except UsageError:
+        if not dry_run:
+            raise
+        count = planned_count(None if gpus_arg is None else str(gpus_arg))
+        return (list(range(count)), "H100" if gpu_mem is None else None, 80.0 if gpu_mem is None else gpu_mem,
+                planned_for(count, gpu_mem, available))
+    info = {g.index: g for g in available if isinstance(g, GpuInfo)}
+    first = info.get(chosen[0]) if chosen else None
+    mem = gpu_mem if gpu_mem is not None else (first.memory_gib if first else None)
+    return chosen, (first.name if first else None), mem, None

@@ -48,39 +48,10 @@ class PretrainRequest:
     dry_run: bool = False  # plan only: GPUs this machine lacks are planned for, not refused
 
 
-def planned_hardware(count: int, gpu_mem: float | None, found: list) -> str:
-    """'8 x H100 80 GB (this machine has none)': what a plan for GPUs this machine lacks is for."""
-    what = "H100 80 GB" if gpu_mem is None else f"{gpu_mem:g} GiB GPU"
-    has = "none" if not found else f"{len(found)} GPU{'s' if len(found) != 1 else ''}"
-    return f"planned for {count} \u00d7 {what} (this machine has {has})"
-
-
-def planned_count(gpus_arg: str | None) -> int:
-    """The GPU count ``--gpus`` asks for, for planning without the GPUs (a count or an index list).
-
-    Raises:
-        UsageError: ``all`` (or no --gpus) on a machine without GPUs, or a malformed value.
-    """
-    text = (gpus_arg or "all").strip().lower()
-    if text == "all":
-        raise UsageError("no GPU found, so --gpus all plans for nothing",
-                         hint="give the count to plan for, e.g. --gpus 8 (with --gpu-mem GIB; default 80, an H100)")
-    if text.isdigit():
-        if int(text) < 1:
-            raise UsageError(f"--gpus {gpus_arg}: need at least one GPU", hint="use --device cpu to train on the CPU")
-        return int(text)
-    parts = [x.strip() for x in text.split(",") if x.strip()]
-    if parts and all(x.isdigit() for x in parts) and len(set(parts)) == len(parts):
-        return len(parts)
-    raise UsageError(f"--gpus {gpus_arg!r} is not a count, 'all' or a comma list of indices",
-                     hint="e.g. --gpus 8, --gpus all, --gpus 0,1,2,3")
-
-
 def _resolve_devices(req: PretrainRequest, saved: dict[str, Any]):
     """(device, gpu indices, gpu name, gpu memory GiB, processes on this node, planned-for note or None).
 
-    A dry run asking for GPUs this machine does not have plans for them (``--gpu-mem``, default an
-    H100's 80 GiB) and returns the note that says so; a real launch refuses (:func:`gpus.select`).
+    A dry run asking for GPUs this machine does not have plans for them (:func:`gpus.plan_gpus`).
     """
     from elmctl.launch import gpus as G
 
@@ -98,20 +69,9 @@ def _resolve_devices(req: PretrainRequest, saved: dict[str, Any]):
 
     found = G.discover()
     spec = req.gpus if req.gpus is not None else saved.get("gpus_arg")
-    try:
-        chosen = G.select(spec, found, device="cuda", busy=set(holders()))
-    except UsageError:
-        if not req.dry_run:
-            raise
-        # No such GPUs here: a dry run plans for them anyway (the cluster job planned from a laptop).
-        count = planned_count(None if spec is None else str(spec))
-        mem = req.gpu_mem if req.gpu_mem is not None else 80.0
-        return ("cuda", list(range(count)), "H100" if req.gpu_mem is None else None, mem, count,
-                planned_hardware(count, req.gpu_mem, found))
-    info = {g.index: g for g in found}
-    first = info.get(chosen[0]) if chosen else None
-    mem = req.gpu_mem if req.gpu_mem is not None else (first.memory_gib if first else None)
-    return "cuda", chosen, (first.name if first else None), mem, len(chosen), None
+    chosen, name, mem, planned = G.plan_gpus(spec, found, gpu_mem=req.gpu_mem, dry_run=req.dry_run,
+                                             busy=set(holders()))
+    return "cuda", chosen, name, mem, len(chosen), planned
 
 
 def prepare(req: PretrainRequest):

@@ -10,7 +10,7 @@ the torchrun worker ``python -m elmctl.train.tune <run_dir>`` for several.
   copy dropped.
 - Batch: the recipe's effective batch (per_device_batch x grad_accumulation x num_gpus, e.g.
   8 x 2 x 8 = 128 pairs) is kept on any number of processes;
-  :func:`~elmctl.train.tune_batches.plan_batch` recomputes the accumulation. An epoch is
+  :func:`~elmctl.config.plan.tune_plan` recomputes the accumulation. An epoch is
   floor(train pairs / effective batch) optimizer steps over a fresh permutation (seeded by the
   recipe seed and the epoch); the data position is the step count.
 - Schedule: linear warm-up over ceil(warmup_ratio x total steps), then cosine to 0 (HF); AdamW
@@ -31,7 +31,7 @@ the torchrun worker ``python -m elmctl.train.tune <run_dir>`` for several.
   right after epoch E's checkpoint is durable (a crash with no status written, like an OOM kill).
 
 The pieces: :mod:`elmctl.train.tune_inputs` (base weights and preference data, resolved and
-checked), :mod:`elmctl.train.tune_batches` (batch plan, pair batches, collation),
+checked), :mod:`elmctl.train.tune_batches` (pair batches, collation),
 :mod:`elmctl.train.tune_resume` (restoring a resume point); this module holds the objective, the
 evaluation and the run itself.
 """

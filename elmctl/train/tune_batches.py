@@ -1,7 +1,7 @@
-"""A tune run's batches: the per-process batch plan and the preference-pair batch source.
+"""A tune run's batches: the preference-pair batch source (the plan is :func:`elmctl.config.plan.tune_plan`).
 
 Part of :mod:`elmctl.train.tune`. The recipe's effective batch (per_device_batch x
-grad_accumulation x num_gpus) is kept on any number of processes (:func:`plan_batch`);
+grad_accumulation x num_gpus) is kept on any number of processes (:func:`elmctl.config.plan.tune_plan`);
 :class:`PairBatches` hands each rank its micro-batches, epoch by epoch over a seeded permutation,
 and :func:`collate` turns pair indices into tensors (pair rows, or chosen-only rows for SFT).
 """
@@ -15,26 +15,7 @@ import torch
 
 from elmctl.errors import UsageError
 
-__all__ = ["plan_batch", "PairBatches", "collate"]
-
-
-def plan_batch(instruct, world_size: int) -> tuple[int, int]:
-    """(micro-batch, grad accumulation) per process keeping the recipe's effective batch.
-
-    Raises:
-        UsageError: the effective batch cannot be split evenly over ``world_size`` processes.
-    """
-    global_batch = instruct.effective_batch
-    if global_batch % world_size:
-        raise UsageError(
-            f"the recipe's effective batch {global_batch} (per_device_batch {instruct.per_device_batch} x "
-            f"grad_accumulation {instruct.grad_accumulation} x num_gpus {instruct.num_gpus}) does not split over "
-            f"{world_size} processes", "use a process count that divides it")
-    per_rank = global_batch // world_size
-    micro = min(instruct.per_device_batch, per_rank)
-    while per_rank % micro:
-        micro -= 1
-    return micro, per_rank // micro
+__all__ = ["PairBatches", "collate"]
 
 
 class PairBatches:

@@ -169,16 +169,17 @@ def test_training_changes_every_parameter_and_not_the_reference():
     assert {"reward_accuracy", "reward_margin"} <= set(out)
 
 
-def test_plan_batch_keeps_effective_batch():
+def test_tune_plan_keeps_effective_batch():
     from elmctl.config import load_recipe
+    from elmctl.config.plan import tune_plan
     from elmctl.errors import UsageError
-    from elmctl.train.tune_batches import plan_batch
 
-    it = load_recipe("270m").instruct  # 8 x 2 x 8 = 128
-    assert it.effective_batch == 128
+    r = load_recipe("270m")  # 8 x 2 x 8 = 128
+    assert r.instruct.effective_batch == 128
     for world in (1, 2, 4, 8, 16):
-        micro, accum = plan_batch(it, world)
-        assert micro * accum * world == 128 and micro <= 8
-    assert plan_batch(it, 8) == (8, 2)
-    with pytest.raises(UsageError):
-        plan_batch(it, 3)
+        p = tune_plan(r, world, on_gpu=False)
+        assert p.micro_batch * p.grad_accumulation * world == 128 and p.micro_batch <= 8
+    p = tune_plan(r, 8, on_gpu=False)
+    assert (p.micro_batch, p.grad_accumulation) == (8, 2)
+    with pytest.raises(UsageError, match="effective batch 128 .* does not split over 3 processes"):
+        tune_plan(r, 3, on_gpu=False)
