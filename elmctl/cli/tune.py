@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from elmctl.cli._common import Format, FormatOpt, SetOpt, StoreOpt, console, emit_json, name_option, safe_markup
+from elmctl.cli._common import MAX_PROCS, Format, FormatOpt, SetOpt, StoreOpt, console, emit_json, name_option, safe_markup
 from elmctl.cli._tune_opts import BaseOpt, DataOpt, DeviceOpt, LossOpt, PrecomputeOpt, RecipeOpt, check_loss, select_devices
 from elmctl.cli._tune_sweep import sweep_cmd
 from elmctl.errors import RuntimeFailure, UsageError
@@ -34,6 +34,7 @@ def tune_cmd(
     loss: LossOpt = None,
     gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU count, 'all' or indices (0,3).")] = None,
     device: DeviceOpt = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, max=MAX_PROCS, help="With --device cpu: processes (gloo) that train one run together.")] = None,
     name: Annotated[Optional[str], name_option("--name", "Run name (unique in the store).")] = None,
     store: StoreOpt = None,
     set_: SetOpt = None,
@@ -48,7 +49,9 @@ def tune_cmd(
     """Instruction-tune a base model with DPO (sigmoid), hinge or SFT, Table 10 style.
 
     The reference model is the frozen base. The recipe's effective batch (per_device_batch x
-    grad_accumulation x num_gpus) is kept on any number of processes. After each epoch: evaluation
+    grad_accumulation x num_gpus) is kept on any number of processes. With several processes
+    (--gpus K, or --nproc K on the CPU) the recipe's instruct.sharding zero3/fsdp shards policy and
+    reference with FSDP2; none: every process holds a full copy (DDP). After each epoch: evaluation
     on the held-out pairs (eval_loss, reward_accuracy, reward_margin, stored with an `epoch` metric)
     and a checkpoint.
 
@@ -72,13 +75,16 @@ def tune_cmd(
     b = resolve_base(base, st)
     check_base(b, rec)
     gpu_list = select_devices(gpus, device)
-    world = max(1, len(gpu_list))
+    if nproc is not None and gpu_list:
+        raise UsageError("--nproc is for CPU processes (--device cpu)", "on GPUs, --gpus K runs one process per GPU")
+    world = len(gpu_list) or nproc or 1
     micro, accum = plan_batch(rec.instruct, world)
     devices = ",".join(map(str, gpu_list)) if gpu_list else "cpu"
     from elmctl.sweep import resume as R
 
     identity = R.trial_identity(rec, lr=lr, epochs=epochs, loss=loss, base_path=b.path, data_dir=data_dir,
-                                precompute_ref=precompute_ref, on_gpu=bool(gpu_list))
+                                precompute_ref=precompute_ref, on_gpu=bool(gpu_list),
+                                sharded=rec.instruct.sharding != "none" and world > 1)
     point, notes = None, []
     if resume_from:  # decided here, once, before any worker starts: every rank loads the same checkpoint
         topo = R.topology(world_size=world, global_batch=micro * accum * world, micro_batch=micro, grad_accumulation=accum)
@@ -122,7 +128,7 @@ def tune_cmd(
     if world == 1:
         status = _tune_in_process(run_dir, gpu_list, run.id, None if quiet else err)
     else:
-        status = _tune_torchrun(run_dir, gpu_list, run.id, master_port, st)
+        status = _tune_torchrun(run_dir, gpu_list, world, run.id, master_port, st)
     final = st.get_run(run.id)
     metrics = {k: v for k, v in st.latest_metrics(run.id).items() if k in ("epoch", "eval_loss", "reward_accuracy", "reward_margin")}
     ckpts = st.checkpoints(run.id)
@@ -170,14 +176,14 @@ def _tune_in_process(run_dir: Path, gpu_list: list[int], run_id: str, err) -> st
             signal.signal(s, h)
 
 
-def _tune_torchrun(run_dir: Path, gpu_list: list[int], run_id: str, master_port: int | None, st) -> str:
+def _tune_torchrun(run_dir: Path, gpu_list: list[int], nproc: int, run_id: str, master_port: int | None, st) -> str:
     from elmctl.launch.locks import acquire
     from elmctl.launch.supervise import run_supervised
     from elmctl.launch.torchrun import build_command, build_env
 
-    cmd = build_command(len(gpu_list), ["elmctl.train.tune", str(run_dir)], master_port=master_port)
+    cmd = build_command(nproc, ["elmctl.train.tune", str(run_dir)], master_port=master_port)
     with acquire(gpu_list, run_id) as lease:
-        code = run_supervised(cmd, build_env(gpu_list, nproc=len(gpu_list)), run_dir / "worker.log",
+        code = run_supervised(cmd, build_env(gpu_list, nproc=nproc), run_dir / "worker.log",
                               pass_fds=lease.fds, on_signal=lambda s: None)
     run = st.get_run(run_id)
     if run.is_active:
