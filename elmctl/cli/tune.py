@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from elmctl.cli._common import Format, FormatOpt, SetOpt, StoreOpt, console, emit_json, name_option, safe_markup
+from elmctl.cli._common import MAX_PROCS, Format, FormatOpt, SetOpt, StoreOpt, console, emit_json, name_option, safe_markup
 from elmctl.cli._tune_opts import DeviceOpt, LossOpt, PrecomputeOpt, RecipeOpt, check_loss, plan_devices
 from elmctl.cli._tune_sweep import sweep_cmd
 from elmctl.errors import RuntimeFailure, UsageError
@@ -38,6 +38,7 @@ def tune_cmd(
     loss: LossOpt = None,
     gpus: Annotated[Optional[str], typer.Option("--gpus", help="GPU count, 'all' or indices (0,3).")] = None,
     device: DeviceOpt = None,
+    nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, max=MAX_PROCS, help="With --device cpu: processes (gloo) that train one run together.")] = None,
     name: Annotated[Optional[str], name_option("--name", "Run name (unique in the store).")] = None,
     store: StoreOpt = None,
     set_: SetOpt = None,
@@ -54,7 +55,9 @@ def tune_cmd(
     """Instruction-tune a base model with DPO (sigmoid), hinge or SFT, Table 10 style.
 
     The reference model is the frozen base. The recipe's effective batch (per_device_batch x
-    grad_accumulation x num_gpus) is kept on any number of processes. After each epoch: evaluation
+    grad_accumulation x num_gpus) is kept on any number of processes. With several processes
+    (--gpus K, or --nproc K on the CPU) the recipe's instruct.sharding zero3/fsdp shards policy and
+    reference with FSDP2; none: every process holds a full copy (DDP). After each epoch: evaluation
     on the held-out pairs (eval_loss, reward_accuracy, reward_margin, stored with an `epoch` metric)
     and a checkpoint.
 
@@ -76,7 +79,7 @@ def tune_cmd(
     if dry_run:
         if data is not None:
             check_preference_data(data, rec)
-        return _dry_run(rec, loss, gpus, device, gpu_mem, precompute_ref, fmt, lr=lr, epochs=epochs,
+        return _dry_run(rec, loss, gpus, device, gpu_mem, precompute_ref, fmt, lr=lr, epochs=epochs, nproc=nproc,
                         base_note=None if base is None else "--base is checked when the run starts, not in a dry run")
     if base is None or data is None:
         missing = " and ".join(f"--{n}" for n, v in (("base", base), ("data", data)) if v is None)
@@ -87,14 +90,17 @@ def tune_cmd(
     b = resolve_base(base, st)
     check_base(b, rec)
     gpu_list, mem, _ = plan_devices(gpus, device, gpu_mem=gpu_mem)
-    world = max(1, len(gpu_list))
+    if nproc is not None and gpu_list:
+        raise UsageError("--nproc is for CPU processes (--device cpu)", "on GPUs, --gpus K runs one process per GPU")
+    world = len(gpu_list) or nproc or 1
     bp = tune_plan(rec, world, gpu_mem_gib=mem, on_gpu=bool(gpu_list), precompute_ref=precompute_ref, loss=loss)
     micro, accum = bp.micro_batch, bp.grad_accumulation
     devices = ",".join(map(str, gpu_list)) if gpu_list else "cpu"
     from elmctl.sweep import resume as R
 
     identity = R.trial_identity(rec, lr=lr, epochs=epochs, loss=loss, base_path=b.path, data_dir=data_dir,
-                                precompute_ref=precompute_ref, on_gpu=bool(gpu_list))
+                                precompute_ref=precompute_ref, on_gpu=bool(gpu_list),
+                                sharded=rec.instruct.sharding != "none" and world > 1)
     point, notes = None, []
     if resume_from:  # decided here, once, before any worker starts: every rank loads the same checkpoint
         topo = R.topology(world_size=world, global_batch=micro * accum * world, micro_batch=micro, grad_accumulation=accum)
@@ -138,7 +144,7 @@ def tune_cmd(
     if world == 1:
         status = _tune_in_process(run_dir, gpu_list, run.id, None if quiet else err)
     else:
-        status = _tune_torchrun(run_dir, gpu_list, run.id, master_port, st)
+        status = _tune_torchrun(run_dir, gpu_list, world, run.id, master_port, st)
     final = st.get_run(run.id)
     metrics = {k: v for k, v in st.latest_metrics(run.id).items() if k in ("epoch", "eval_loss", "reward_accuracy", "reward_margin")}
     ckpts = st.checkpoints(run.id)
@@ -157,12 +163,14 @@ def tune_cmd(
 
 
 def _dry_run(rec, loss: str, gpus: str | None, device: str | None, gpu_mem: float | None, precompute_ref: bool,
-             fmt: Format, *, lr: float, epochs: int, base_note: str | None = None) -> None:
+             fmt: Format, *, lr: float, epochs: int, nproc: int | None = None, base_note: str | None = None) -> None:
     """``tune --dry-run``: the plan for the GPUs asked, whether or not this machine has them; no store, no files."""
     from elmctl.config.plan import tune_plan
 
     gpu_list, mem, planned = plan_devices(gpus, device, gpu_mem=gpu_mem, dry_run=True)
-    world = max(1, len(gpu_list))
+    if nproc is not None and gpu_list:
+        raise UsageError("--nproc is for CPU processes (--device cpu)", "on GPUs, --gpus K runs one process per GPU")
+    world = len(gpu_list) or nproc or 1
     bp = tune_plan(rec, world, gpu_mem_gib=mem, on_gpu=bool(gpu_list), precompute_ref=precompute_ref, loss=loss)
     notes = ([planned] if planned else []) + list(bp.notes) + ([base_note] if base_note else [])
     if fmt is not Format.table:
@@ -222,14 +230,14 @@ def _tune_in_process(run_dir: Path, gpu_list: list[int], run_id: str, err) -> st
             signal.signal(s, h)
 
 
-def _tune_torchrun(run_dir: Path, gpu_list: list[int], run_id: str, master_port: int | None, st) -> str:
+def _tune_torchrun(run_dir: Path, gpu_list: list[int], nproc: int, run_id: str, master_port: int | None, st) -> str:
     from elmctl.launch.locks import acquire
     from elmctl.launch.supervise import run_supervised
     from elmctl.launch.torchrun import build_command, build_env
 
-    cmd = build_command(len(gpu_list), ["elmctl.train.tune", str(run_dir)], master_port=master_port)
+    cmd = build_command(nproc, ["elmctl.train.tune", str(run_dir)], master_port=master_port)
     with acquire(gpu_list, run_id) as lease:
-        code = run_supervised(cmd, build_env(gpu_list, nproc=len(gpu_list)), run_dir / "worker.log",
+        code = run_supervised(cmd, build_env(gpu_list, nproc=nproc), run_dir / "worker.log",
                               pass_fds=lease.fds, on_signal=lambda s: None)
     run = st.get_run(run_id)
     if run.is_active:

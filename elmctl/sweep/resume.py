@@ -96,10 +96,12 @@ def resume_candidates(trials: Iterable[Any], cell: Any, checkpoint_step: Callabl
 
 
 def trial_identity(recipe: Any, *, lr: float, epochs: int, loss: str, base_path: str, data_dir: str | Path,
-                   precompute_ref: bool, on_gpu: bool) -> dict[str, Any]:
+                   precompute_ref: bool, on_gpu: bool, sharded: bool = False) -> dict[str, Any]:
     """What must be equal for a checkpoint to continue this trial's trajectory exactly.
 
     Stored in every tune checkpoint's manifest (``resume``). Topology is separate (:func:`topology`).
+    ``sharded``: FSDP2 (instruct.sharding on several processes) sums in another order than DDP, so a
+    sharded checkpoint continues a sharded trajectory only (both are full state dicts).
     """
     it = recipe.instruct
     manifest = Path(data_dir) / "manifest.json"
@@ -112,6 +114,7 @@ def trial_identity(recipe: Any, *, lr: float, epochs: int, loss: str, base_path:
         "warmup_ratio": float(it.warmup_ratio), "scheduler": it.scheduler, "weight_decay": float(it.weight_decay),
         "max_length": int(it.max_length), "max_prompt_length": int(it.max_prompt_length),
         "precision": it.precision if on_gpu else "fp32", "precompute_ref": bool(precompute_ref),
+        "sharding": "fsdp2" if sharded else "none",
         "base": str(base_path), "data": str(data_dir), "data_manifest": data_digest,
         "model": sha256_json(recipe.model.model_dump(mode="json"))[:16],
     }
@@ -126,6 +129,8 @@ def topology(*, world_size: int, global_batch: int, micro_batch: int, grad_accum
 _NAMES = {"lr": "learning rate", "epochs": "epochs", "seed": "seed", "data_manifest": "data (manifest checksum)",
           "model": "model config", "base": "base weights", "world_size": "processes", "global_batch": "global batch",
           "micro_batch": "micro-batch", "grad_accumulation": "gradient accumulation"}
+# Identity keys added later: what a checkpoint written before them was.
+_BEFORE = {"sharding": "none"}
 
 
 def compare(meta: dict[str, Any], identity: dict[str, Any], topo: dict[str, int]) -> list[str]:
@@ -137,8 +142,9 @@ def compare(meta: dict[str, Any], identity: dict[str, Any], topo: dict[str, int]
         return ["it records no resume identity (written by an older elmctl)"]
     diffs = []
     for key, now in identity.items():
-        if saved.get(key) != now:
-            diffs.append(f"{_NAMES.get(key, key)}: checkpoint {saved.get(key)!r}, this trial {now!r}")
+        was = saved.get(key, _BEFORE.get(key))
+        if was != now:
+            diffs.append(f"{_NAMES.get(key, key)}: checkpoint {was!r}, this trial {now!r}")
     for key, now in topo.items():
         if meta.get(key) is not None and int(meta[key]) != now:
             diffs.append(f"{_NAMES.get(key, key)}: checkpoint {meta[key]}, this trial {now}")

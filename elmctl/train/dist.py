@@ -26,6 +26,7 @@ __all__ = [
     "sdpa_preference",
     "ObjectiveRunner",
     "wrap_model",
+    "shard_model",
     "all_reduce_mean",
     "all_reduce_max",
     "model_state",
@@ -169,14 +170,8 @@ def wrap_model(
     """
     model = model.to(device)
     if fsdp and _distributed():
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if fsdp_bf16 else None
-        kw = {"mp_policy": mp} if mp is not None else {}
-        for layer in model.layers:
-            fully_shard(layer, **kw)
         runner = ObjectiveRunner(model, compile_model, attention_backend)
-        fully_shard(runner, **kw)
+        shard_model(model, root=runner, bf16=fsdp_bf16)
         return runner
     runner = ObjectiveRunner(model, compile_model, attention_backend)
     if _distributed():
@@ -192,6 +187,24 @@ def wrap_model(
         # Bucketed all-reduce overlapped with backward; no_sync during accumulation (loop.py).
         return DDP(runner, device_ids=ids, gradient_as_bucket_view=True, **no_sync)
     return runner
+
+
+def shard_model(model: nn.Module, *, root: nn.Module | None = None, bf16: bool = False) -> None:
+    """FSDP2 full sharding of an OpenELM in place (no-op on one process).
+
+    Each block is its own shard group (gathered just for its forward/backward, freed after);
+    ``root`` (default: ``model``), which contains ``model``, holds the rest (embedding, final norm).
+    ``bf16``: parameters gathered in bf16, gradients reduced in fp32 (CoreNet's 3B setting). Also
+    used for tuning's frozen reference model, which then costs 1/world of its size per process.
+    """
+    if not _distributed():
+        return
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)} if bf16 else {}
+    for layer in model.layers:
+        fully_shard(layer, **kw)
+    fully_shard(root if root is not None else model, **kw)
 
 
 def raw_model(runner: nn.Module) -> nn.Module:

@@ -8,6 +8,10 @@ the torchrun worker ``python -m elmctl.train.tune <run_dir>`` for several.
   HF folder; see :func:`~elmctl.train.tune_inputs.resolve_base`). Reference: a frozen copy of the
   base (TRL's default), or, with ``precompute_ref``, its log-probs computed once up front and the
   copy dropped.
+- Sharding: ``instruct.sharding`` zero3/fsdp on several processes shards the policy (parameters,
+  gradients, AdamW state; bf16 compute with fp32 reduction on GPU) and the frozen reference with
+  FSDP2 (:func:`~elmctl.train.dist.shard_model`, pre-training's wrapping); checkpoints hold full
+  state dicts under OpenELM's names, as unsharded ones do. ``none``, or one process: DDP / plain.
 - Batch: the recipe's effective batch (per_device_batch x grad_accumulation x num_gpus, e.g.
   8 x 2 x 8 = 128 pairs) is kept on any number of processes;
   :func:`~elmctl.config.plan.tune_plan` recomputes the accumulation. An epoch is
@@ -177,6 +181,12 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
         ref_model.eval().requires_grad_(False)
         if on_gpu and it.precision == "bf16":
             ref_model.to(torch.bfloat16)  # inference only: half the memory of the frozen copy
+        # instruct.sharding (zero3/fsdp): FSDP2 full sharding of the policy and of the frozen
+        # reference, so each process holds 1/world of both (a 3B policy's fp32 AdamW state plus a
+        # reference does not fit one 80 GB GPU). The reference stays in its own dtype: no mp policy.
+        sharded = it.sharding != "none" and info.world_size > 1
+        if sharded:
+            D.shard_model(ref_model)
         pad_id, micro, accum = mcfg.pad_token_id, opt["micro_batch"], opt["grad_accumulation"]
         train_pairs, test_pairs = load_pairs(opt["data_dir"], "train"), load_pairs(opt["data_dir"], "test")
         ref_train = ref_test = None
@@ -192,7 +202,11 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
         spe = batches.steps_per_epoch
         total = spe * int(opt["epochs"])
         warmup = math.ceil(it.warmup_ratio * total)
-        runner = D.wrap_model(model, device=info.device)
+        runner = D.wrap_model(model, device=info.device, fsdp=sharded,
+                              fsdp_bf16=sharded and on_gpu and it.precision == "bf16")
+        if sharded:
+            event(f"FSDP2 (instruct.sharding {it.sharding}): policy parameters, gradients and AdamW state"
+                  f"{'' if ref_model is None else ' and the reference model'} sharded over {info.world_size} processes")
         optimizer = build_adamw(model, lr=0.0, betas=(0.9, 0.999), eps=1e-8, weight_decay=it.weight_decay)
         objective = make_objective(loss_type, it.beta, ref_model)
         eval_fn = _make_eval(test_pairs, pad_id, micro * 2, info, ref_test)

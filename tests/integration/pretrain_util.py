@@ -24,20 +24,20 @@ def store():
     return Store()
 
 
-def losses(run: str) -> dict[int, float]:
-    """step -> training loss of a run (id or name)."""
+def losses(run: str, key: str = "loss") -> dict[int, float]:
+    """step -> training loss of a run (id or name); tune runs log it as ``train_loss``."""
     with store() as s:
-        return {m.step: m.value for m in s.metrics(s.get_run(run).id, "loss")}
+        return {m.step: m.value for m in s.metrics(s.get_run(run).id, key)}
 
 
-def ctrl_c_once_training(args: list[str], run: str) -> tuple[int, str, str]:
+def ctrl_c_once_training(args: list[str], run: str, key: str = "loss") -> tuple[int, str, str]:
     """Start ``elmctl *args``, press Ctrl-C once run ``run`` has logged a loss; (exit code, stdout, stderr)."""
     proc = subprocess.Popen([ELMCTL, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ.copy())
     deadline = time.time() + 90
     while time.time() < deadline and proc.poll() is None:
         try:
-            if losses(run):
+            if losses(run, key):
                 break
         except Exception:  # store or run not there yet
             pass
