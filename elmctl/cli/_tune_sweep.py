@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from elmctl.cli._common import MAX_PROCS, Format, FormatOpt, SetOpt, StoreOpt, console, emit_json
+from elmctl.cli._common import MAX_PROCS, Format, FormatOpt, SetOpt, StoreOpt, console, emit_json, safe_markup
 from elmctl.cli._sweep_view import LiveView, print_summary
 from elmctl.cli._tune_opts import BaseOpt, DataOpt, DeviceOpt, LossOpt, PrecomputeOpt, RecipeOpt, check_loss, select_devices
 from elmctl.errors import RuntimeFailure, UsageError
@@ -67,6 +67,9 @@ def sweep_cmd(
     set_: SetOpt = None,
     precompute_ref: PrecomputeOpt = False,
     fmt: FormatOpt = Format.table,
+    slurm: Annotated[bool, typer.Option("--slurm", help="Write an sbatch array instead of running: --nodes tasks, each a driver of this study on its node's --gpus N GPUs. Needs a PostgreSQL store.")] = False,
+    nodes: Annotated[Optional[int], typer.Option("--nodes", min=1, max=1000, help="With --slurm: array tasks, one node each (default 1).")] = None,
+    submit: Annotated[bool, typer.Option("--submit", help="With --slurm: also submit the script with sbatch.")] = False,
 ) -> None:
     """Search learning rate x epochs for instruction tuning: one `tune` run per cell, in parallel.
 
@@ -87,6 +90,12 @@ def sweep_cmd(
     Several machines: run the same command with --storage postgresql://user@db/elmctl --study NAME
     on each, each on its own GPUs. A driver claims a cell by creating its trial RUNNING and checking
     that no other running or finished trial holds it, so machines never run a cell twice.
+
+    Slurm: add --slurm --nodes N --gpus G (G = GPUs per node) [--submit] to write (and submit)
+    $ELMCTL_HOME/sweeps/STUDY/sweep.sbatch, an array of N one-node tasks that each run this sweep's
+    command on their node against the same study; a requeued task resumes. The store must be a
+    database server every node reaches (SQLite is refused), and $ELMCTL_HOME, the base and the data
+    on a filesystem they share.
 
     Example: elmctl tune-sweep --recipe tiny --base my-pretrain --data demo/ --device cpu --parallel 2
     """
@@ -119,6 +128,14 @@ def sweep_cmd(
         raise UsageError(f"--max-retries {max_retries}: must be >= 0")
     if device != "cpu" and parallel != 1:
         raise UsageError("--parallel is for --device cpu; on GPUs the slots follow from --gpus / --gpus-per-trial")
+    if not slurm and (nodes is not None or submit):
+        raise UsageError(f"{'--nodes' if nodes is not None else '--submit'} goes with --slurm",
+                         "add --slurm to write an sbatch array, or drop the option to run here")
+    if slurm:
+        from elmctl.sweep.slurm import check_shared_store
+
+        store = check_shared_store(store, storage)  # before anything opens the database
+        gpus_per_node = _slurm_gpus(gpus, device)
     st = Store(store)
     storage_url = storage or st.url
     optuna_storage = S.open_storage(storage_url)  # unreachable -> UsageError now, not after trials started
@@ -129,6 +146,8 @@ def sweep_cmd(
     check_base(b, rec)
     if device == "cpu":
         slots = plan_slots(device="cpu", parallel=parallel)
+    elif slurm:  # the nodes' GPUs, not this (login) machine's
+        slots = plan_slots(device="cuda", gpus=range(gpus_per_node), gpus_per_trial=gpus_per_trial)
     else:
         slots = plan_slots(device="cuda", gpus=select_devices(gpus or "all", device), gpus_per_trial=gpus_per_trial)
     tune_plan(rec, 1 if device == "cpu" else gpus_per_trial, on_gpu=False)  # the batch splits (UsageError if not)
@@ -141,6 +160,9 @@ def sweep_cmd(
     from dataclasses import replace
 
     spec = replace(spec, study=study or _default_study(spec.identity(), rec.id))
+    if slurm:
+        return _write_slurm(spec, store, storage, nodes or 1, gpus_per_node, gpus_per_trial,
+                            parallel if device == "cpu" else None, submit, fmt)
     err = console(stderr=True)
     view = LiveView(err, spec, slots, enabled=fmt != Format.json)
     driver = SweepDriver(spec, slots, st, on_event=view.event)
@@ -172,3 +194,46 @@ def sweep_cmd(
     if failed:
         raise RuntimeFailure(f"{len(failed)} cell(s) failed after {max_retries} retr{'y' if max_retries == 1 else 'ies'}",
                              "see each trial's log (elmctl runs logs <run>); rerun the command to retry with more --max-retries")
+
+
+def _slurm_gpus(gpus: str | None, device: str | None) -> int:
+    """GPUs each array task asks for: ``--gpus N`` (a count: this machine's GPUs say nothing about the nodes'), 0 on CPU."""
+    if device == "cpu":
+        if gpus not in (None, "", "0"):
+            raise UsageError(f"--gpus {gpus} conflicts with --device cpu", hint="drop one of the two options")
+        return 0
+    text = (gpus or "").strip()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PROCS:
+        raise UsageError(f"--slurm needs --gpus N, the GPUs per node (1..{MAX_PROCS}), not {gpus or 'the default (all)'}",
+                         "each array task asks Slurm for N GPUs on its node and uses them all; or --device cpu")
+    return int(text)
+
+
+def _write_slurm(spec, store: str, storage: str | None, nodes: int, gpus_per_node: int, gpus_per_trial: int,
+                 parallel: int | None, submit: bool, fmt: Format) -> None:
+    from elmctl.launch.slurm import submit as sbatch
+    from elmctl.store import display_url, home
+    from elmctl.sweep.slurm import task_command, write_sweep_sbatch
+
+    path = write_sweep_sbatch(spec, store_url=store, home=home(), nodes=nodes, gpus_per_node=gpus_per_node,
+                              gpus_per_trial=gpus_per_trial, parallel=parallel,
+                              storage=storage if storage and storage != store else None)
+    job = sbatch(path) if submit else None
+    cells = spec.n_trials if spec.sampler == "tpe" else len(spec.lrs) * len(spec.epochs)
+    out = {"script": str(path), "study": spec.study, "nodes": nodes, "gpus_per_node": gpus_per_node, "cells": cells,
+           "store": display_url(store), "job_id": job,
+           "command": task_command(spec, gpus_per_trial=gpus_per_trial, parallel=parallel, storage=None)}
+    if fmt == Format.json:
+        emit_json(out)
+        return
+    con = console()
+    per_node = f"{gpus_per_node} GPU{'s' if gpus_per_node != 1 else ''}" if gpus_per_node else f"CPU x {parallel}"
+    con.print(f"wrote {safe_markup(str(path))}: {nodes} array task{'s' if nodes != 1 else ''} ({per_node} each), "
+              f"study {safe_markup(spec.study)} ({cells} {'trials' if spec.sampler == 'tpe' else 'cells'}) "
+              f"on {safe_markup(display_url(store))}", highlight=False)
+    if nodes > cells:
+        con.print(f"[yellow]note: {nodes} tasks for {cells} cells; {nodes - cells} will find nothing to run[/]")
+    if job:
+        con.print(f"submitted job {job}; follow it with: squeue -j {job}, elmctl report --study {safe_markup(spec.study)}", highlight=False)
+    else:
+        con.print(f"submit with: sbatch {safe_markup(str(path))}", highlight=False)

@@ -345,3 +345,19 @@ def test_pid_alive_and_signal_run():
 def test_missing_executable_is_runtime_failure(tmp_path):
     with pytest.raises(RuntimeFailure, match="cannot start /nonexistent/python"):
         supervise.run_supervised(["/nonexistent/python"], None, tmp_path / "log")
+
+
+def test_sbatch_array_script_and_submit(tmp_path, monkeypatch):
+    """An array of one-node tasks: each runs the command once as one srun step, no torchrun."""
+    path = slurm.write_sbatch(tmp_path / "a.sbatch", job_name="s", nodes=1, gpus_per_node=0, command_args=["m", "--x"],
+                              run_dir=tmp_path / "r", array_tasks=5, env={"ELMCTL_STORE": "postgresql://u:pw@db/e"},
+                              private=True)
+    text = path.read_text()
+    assert "#SBATCH --array=0-4" in text and "--gpus-per-node" not in text and "torch.distributed" not in text
+    assert f"{sys.executable} -m m --x" in text and os.stat(path).st_mode & 0o077 == 0
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    with pytest.raises(ValueError):
+        slurm.render_sbatch(job_name="s", nodes=2, gpus_per_node=1, command_args=["m"], run_dir=tmp_path, array_tasks=2)
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(UsageError, match="sbatch not found"):
+        slurm.submit(path)
