@@ -53,3 +53,14 @@ def recipe_file(tmp_path, tiny_dict) -> Callable[..., Path]:
         return path
 
     return make
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh ELMCTL_HOME (store and run folders) and GPU-lock folder for one test; one CPU thread."""
+    h = tmp_path / "home"
+    monkeypatch.setenv("ELMCTL_HOME", str(h))
+    monkeypatch.delenv("ELMCTL_STORE", raising=False)
+    monkeypatch.setenv("ELMCTL_LOCK_DIR", str(tmp_path / "locks"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return h

@@ -137,13 +137,6 @@ def test_first_checkpoint_on_a_full_disk_says_there_is_no_resume_point(tmp_path,
 
 # -- end to end: `elmctl pretrain` whose checkpoint (and store) hit a full disk ----------------------
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch) -> Path:
-    h = tmp_path / "home"
-    monkeypatch.setenv("ELMCTL_HOME", str(h))
-    monkeypatch.delenv("ELMCTL_STORE", raising=False)
-    monkeypatch.setenv("ELMCTL_LOCK_DIR", str(tmp_path / "locks"))
-    return h
 
 
 @pytest.fixture(scope="module")

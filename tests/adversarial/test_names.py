@@ -24,11 +24,6 @@ def demo(tmp_path_factory):
     return demo_data(tmp_path_factory.mktemp("demo") / "D")
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("ELMCTL_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("ELMCTL_STORE", raising=False)
-    return tmp_path / "home"
 
 
 @pytest.mark.parametrize("name", GOOD)

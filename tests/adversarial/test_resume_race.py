@@ -27,14 +27,6 @@ SMALL = ["--set", "model.context_length=32", "--set", "pretrain.sequences_per_gp
          "--set", "pretrain.warmup_iterations=2", "--set", "pretrain.max_iterations=40"]
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch) -> Path:
-    h = tmp_path / "home"
-    monkeypatch.setenv("ELMCTL_HOME", str(h))
-    monkeypatch.delenv("ELMCTL_STORE", raising=False)
-    monkeypatch.setenv("ELMCTL_LOCK_DIR", str(tmp_path / "locks"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return h
 
 
 def _sleepers(n: int) -> list[subprocess.Popen]:

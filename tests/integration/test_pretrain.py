@@ -28,14 +28,6 @@ def demo(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture()
-def home(tmp_path, monkeypatch) -> Path:
-    h = tmp_path / "home"
-    monkeypatch.setenv("ELMCTL_HOME", str(h))
-    monkeypatch.delenv("ELMCTL_STORE", raising=False)
-    monkeypatch.setenv("ELMCTL_LOCK_DIR", str(tmp_path / "locks"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return h
 
 
 def _final_params(run: str) -> dict[str, torch.Tensor]:
