@@ -153,7 +153,7 @@ def sweep_cmd(
     tune_plan(rec, 1 if device == "cpu" else gpus_per_trial, on_gpu=False)  # the batch splits (UsageError if not)
     # trials get the resolved folder: every cell starts from the same weights even if the base run
     # writes newer checkpoints meanwhile
-    spec = SweepSpec(recipe=_recipe_spec(recipe), base=b.path,
+    spec = SweepSpec(recipe=_recipe_spec(recipe), base=str(b.path),
                      data=str(data_dir), lrs=lr_grid, epochs=ep_grid, loss=loss, study="", storage_url=storage_url,
                      store_url=st.url, metric=metric, pruner=pruner, max_retries=max_retries, sampler=sampler,
                      n_trials=n_trials, overrides=tuple(set_ or ()), precompute_ref=precompute_ref, seed=rec.instruct.seed)

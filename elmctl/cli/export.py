@@ -102,7 +102,7 @@ def export_run(spec: str, to: Path, *, dtype: str | None = None, store_url: str 
         UsageError: the source is not a run/checkpoint; ``to`` is a file, or a folder holding
             anything but a previous elmctl export (nothing there is overwritten or deleted).
     """
-    from elmctl.cli.generate import EXPORT_INFO, load_model, resolve_source
+    from elmctl.train.weights import EXPORT_INFO, load_model, resolve_source
     from elmctl.data.chat import TEMPLATE_NAME
     from elmctl.model.hf import DEFAULT_MAX_SHARD_BYTES, save_pretrained, weight_file_names
     from elmctl.model.hf_code import FILES as CODE_FILES

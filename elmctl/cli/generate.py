@@ -1,167 +1,25 @@
 """`elmctl generate`: sample from a trained run (its latest checkpoint) or an exported HF folder.
 
-The plain functions (:func:`resolve_source`, :func:`load_model`, :func:`load_source_tokenizer`,
-:func:`generate_text`) never print; `elmctl export` and `elmctl demo` reuse them.
+The weights come from :mod:`elmctl.train.weights` (the resolver `export` and `tune --base` use too);
+:func:`generate_text` and :func:`score_choices` never print.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from elmctl.cli._common import Format, FormatOpt, StoreOpt, console, emit_json, plain_text, safe_markup
 from elmctl.errors import UsageError
+from elmctl.train.weights import load_model, load_source_tokenizer, resolve_source
 
-EXPORT_INFO = "elmctl_export.json"  # written by `elmctl export` next to config.json
 
 
 def register(app: typer.Typer) -> None:
     app.command("generate")(generate_cmd)
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where weights come from: an elmctl checkpoint (with its run folder) or an Apple HF folder."""
-
-    kind: str  # "checkpoint" | "hf"
-    path: Path  # checkpoint folder (ckpt-N) or HF folder
-    label: str
-    run_kind: str | None  # "pretrain" | "tune" | None (unknown)
-    run_dir: Path | None = None
-    run_id: str | None = None
-    step: int | None = None
-    tokenizer: str | None = None  # tokenizer spec, when the source records one
-
-
-def _data_tokenizer(data_dir: str | None) -> str | None:
-    """The tokenizer spec in a prepared data folder's manifest.json (None when unknown)."""
-    from elmctl.data._manifest import read_manifest
-
-    if not isinstance(data_dir, str) or not data_dir:
-        return None
-    tok = (read_manifest(Path(data_dir)) or {}).get("tokenizer")
-    return tok if isinstance(tok, str) else None
-
-
-def _json_object(path: Path) -> dict[str, Any]:
-    """A small JSON object elmctl wrote (run options, export info); {} when absent or malformed."""
-    from elmctl._files import MAX_SMALL_JSON_BYTES, read_json_bounded
-
-    try:
-        return read_json_bounded(path, MAX_SMALL_JSON_BYTES)
-    except UsageError:
-        return {}
-
-
-def _from_run_dir(run_dir: Path, label: str, run_kind: str | None, run_id: str | None) -> ModelSource:
-    from elmctl.train.checkpoint import find_resumable
-
-    info, _ = find_resumable(run_dir)  # newest checkpoint that verifies against its manifest
-    if info is None:
-        raise UsageError(f"{label} has no checkpoint yet",
-                         f"wait for its first checkpoint (elmctl runs show {run_id or run_dir})")
-    return _from_checkpoint(info.path, label, run_kind, run_id, info.step)
-
-
-def _from_checkpoint(ckpt: Path, label: str, run_kind: str | None, run_id: str | None, step: int | None) -> ModelSource:
-    run_dir = ckpt.parent.parent
-    if not (run_dir / "recipe.json").is_file():
-        raise UsageError(f"{ckpt}: no recipe.json in its run folder {run_dir}", "point at the run (id or folder) instead")
-    opts = _json_object(run_dir / "options.json")
-    if run_kind is None:
-        meta = _json_object(ckpt / "manifest.json")
-        run_kind = "tune" if ("base_kind" in opts or meta.get("kind") == "tune") else "pretrain"
-    if step is None:
-        step = int(ckpt.name.split("-", 1)[1]) if ckpt.name.startswith("ckpt-") else None
-    return ModelSource("checkpoint", ckpt, f"{label} ({ckpt.name})", run_kind, run_dir, run_id or opts.get("run_id"),
-                       step, _data_tokenizer(opts.get("data_dir")))
-
-
-def resolve_source(spec: str, store_url: str | None = None) -> ModelSource:
-    """RUN|DIR -> a :class:`ModelSource`: a run id/prefix/name (latest verified checkpoint), a run
-    folder, a checkpoint folder (``ckpt-N``) or an HF folder (``config.json``).
-
-    Raises:
-        UsageError: nothing usable there; the run has no checkpoint; no store to look the run up in.
-    """
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        if (p / "config.json").is_file():
-            from elmctl._files import MAX_CONFIG_JSON_BYTES, read_json_bounded
-
-            config = read_json_bounded(p / "config.json", MAX_CONFIG_JSON_BYTES, what="config.json")
-            info = _json_object(p / EXPORT_INFO)  # written by `elmctl export`: keep only well-typed values
-            info = {k: v for k, v in info.items() if (k == "step" and type(v) is int)
-                    or (k in ("tokenizer", "run_kind", "run_id") and isinstance(v, str))}
-            tok = None
-            if info.get("tokenizer") == "byte":
-                tok = "byte"  # an elmctl export of a byte-level run: its tokenizer.json is for other tools
-            elif (p / "tokenizer.model").is_file() or (p / "tokenizer.json").is_file():
-                tok = str(p)
-            elif info.get("tokenizer"):
-                tok = info["tokenizer"]
-            elif config.get("vocab_size") == 259:
-                tok = "byte"  # elmctl's byte-level vocabulary (tiny recipe)
-            return ModelSource("hf", p, str(p), info.get("run_kind"), tokenizer=tok, run_id=info.get("run_id"),
-                               step=info.get("step"))
-        if (p / "manifest.json").is_file() and (p / "model.safetensors").is_file():
-            return _from_checkpoint(p, str(p), None, None, None)
-        if (p / "checkpoints").is_dir() or (p / "recipe.json").is_file():
-            return _from_run_dir(p, f"run folder {p}", None, None)
-        raise UsageError(f"{p} holds no model", "give a run id, a run folder, a checkpoint folder (ckpt-N) or an HF folder")
-    from elmctl.report.summary import open_source
-
-    try:
-        src = open_source(store_url)
-    except UsageError as exc:
-        raise UsageError(f"{spec!r} is not a folder, and there is no run store to look it up in ({exc.message})",
-                         "give a run folder / HF folder, or the store with --store URL") from None
-    try:
-        if src.store is None:
-            raise UsageError(f"{spec!r} is not a folder, and store {src.display_url} holds no runs")
-        run = src.store.get_run(spec)
-    finally:
-        src.close()
-    return _from_run_dir(Path(run.run_dir), f"run {run.label}", run.kind, run.id)
-
-
-def load_model(source: ModelSource, device: str = "cpu"):
-    """The OpenELM of a source, in eval mode, on ``device``."""
-    if source.kind == "hf":
-        from elmctl.model.hf import load_pretrained
-
-        model = load_pretrained(source.path, device=device)
-    else:
-        from elmctl.model import OpenELM
-        from elmctl.train.checkpoint import load_checkpoint_files, verify_checkpoint
-        from elmctl.train.pretrain import read_run_files
-
-        recipe, _ = read_run_files(source.run_dir)
-        model = OpenELM(recipe.model)
-        state, _, _ = load_checkpoint_files(verify_checkpoint(source.path))
-        model.load_state_dict(state)
-        model.to(device)
-    return model.eval()
-
-
-def load_source_tokenizer(source: ModelSource, spec: str | None, vocab_size: int):
-    """``--tokenizer`` if given, else the one the source's data (or export) recorded."""
-    from elmctl.data.tokenizers import load_tokenizer
-
-    spec = spec or source.tokenizer
-    if not spec:
-        raise UsageError(f"{source.label}: no tokenizer recorded with the model",
-                         "pass --tokenizer byte | path/to/tokenizer.model | path/to/tokenizer.json")
-    tok = load_tokenizer(spec)
-    if tok.vocab_size > vocab_size:
-        raise UsageError(f"tokenizer {tok.spec} has {tok.vocab_size} tokens; the model has {vocab_size}",
-                         "pass the tokenizer the model was trained with (--tokenizer)")
-    return tok
 
 
 def generate_text(model, tok, prompt: str, *, chat: bool, max_new_tokens: int = 64, temperature: float = 0.0,

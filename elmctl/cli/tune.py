@@ -98,7 +98,7 @@ def tune_cmd(
     devices = ",".join(map(str, gpu_list)) if gpu_list else "cpu"
     from elmctl.sweep import resume as R
 
-    identity = R.trial_identity(rec, lr=lr, epochs=epochs, loss=loss, base_path=b.path, data_dir=data_dir,
+    identity = R.trial_identity(rec, lr=lr, epochs=epochs, loss=loss, base_path=str(b.path), data_dir=data_dir,
                                 precompute_ref=precompute_ref, on_gpu=bool(gpu_list),
                                 sharded=rec.instruct.sharding != "none" and world > 1)
     point, notes = None, []
@@ -125,7 +125,7 @@ def tune_cmd(
     run_dir = Path(run.run_dir)
     write_run_files(run_dir, rec, {
         "run_id": run.id, "store_url": st.url, "device": "cuda" if gpu_list else "cpu", "base_kind": b.kind,
-        "base_path": b.path, "base_label": b.label, "data_dir": str(data_dir), "lr": lr, "epochs": epochs,
+        "base_path": str(b.path), "base_label": b.label, "data_dir": str(data_dir), "lr": lr, "epochs": epochs,
         "loss": loss, "micro_batch": micro, "grad_accumulation": accum, "precompute_ref": precompute_ref,
         "study": trial_of, "trial": trial_number, "identity": identity, "resume_from": resume_from,
         "resume": point.as_dict() if point is not None else None, "resume_notes": notes})

@@ -14,74 +14,35 @@ Part of :mod:`elmctl.train.tune`. ``elmctl tune`` and ``elmctl tune-sweep`` call
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from elmctl.errors import UsageError
+from elmctl.train.weights import ModelSource, resolve_source
 
 __all__ = ["Base", "resolve_base", "check_base", "load_base_weights", "check_preference_data"]
 
 
-@dataclass(frozen=True)
-class Base:
-    """Where the starting weights come from: ``kind`` "checkpoint" (elmctl) or "hf" (Apple layout)."""
-
-    kind: str
-    path: str
-    label: str
+#: the base of a tune run: a :class:`~elmctl.train.weights.ModelSource` (kind "checkpoint" or "hf")
+Base = ModelSource
 
 
-def resolve_base(spec: str, store=None) -> Base:
+def resolve_base(spec: str, store=None) -> ModelSource:
     """``--base``: a pretrain run id/name (its newest verified checkpoint), a run folder, a
-    checkpoint folder (``ckpt-N``), or an Apple HF folder (config.json + safetensors).
+    checkpoint folder (``ckpt-N``), or an Apple HF folder (config.json + safetensors); see
+    :func:`elmctl.train.weights.resolve_source`, whose errors here start with ``--base SPEC:``.
 
-    A checkpoint is verified here (every file against its manifest), so a corrupted base is an
-    input error before any run is recorded, not a failed run.
+    A checkpoint is verified there (every file against its manifest), so a corrupted base is an
+    input error before any run is recorded, not a failed run. The path is made absolute (the run
+    records it in its options).
 
     Raises:
         UsageError: nothing usable at ``spec`` (missing, no checkpoint, or only corrupted ones).
     """
-    from elmctl.train.checkpoint import CheckpointCorrupt, find_resumable, verify_checkpoint
-
-    def corrupt(exc: CheckpointCorrupt) -> UsageError:
-        return UsageError(f"--base {spec}: {exc.message}",
-                          "give another --base (an older ckpt-N folder of that run, another run, or an HF folder); "
-                          "the corrupted files are left in place")
-
-    p = Path(spec).expanduser()
-    if p.is_dir():
-        if (p / "config.json").is_file():
-            return Base("hf", str(p.resolve()), str(p))
-        if (p / "manifest.json").is_file() and (p / "model.safetensors").is_file():
-            try:
-                verify_checkpoint(p)
-            except CheckpointCorrupt as exc:
-                raise corrupt(exc) from None
-            return Base("checkpoint", str(p.resolve()), str(p))
-        if (p / "checkpoints").is_dir():
-            try:
-                info, _ = find_resumable(p)
-            except CheckpointCorrupt as exc:
-                raise corrupt(exc) from None
-            if info is not None:
-                return Base("checkpoint", str(info.path.resolve()), f"{p} ({info.path.name})")
-        raise UsageError(f"--base {spec}: the folder holds no OpenELM weights",
-                         "give a pretrain run id, a checkpoint folder (ckpt-N), or an HF folder with config.json")
-    if store is None:
-        from elmctl.store import Store
-
-        store = Store()
-    run = store.get_run(spec)  # UsageError with "did you mean" when unknown
-    try:
-        info, _ = find_resumable(run.run_dir)
-    except CheckpointCorrupt as exc:
-        raise corrupt(exc) from None
-    if info is None:
-        raise UsageError(f"--base {spec}: run {run.label} has no checkpoint yet",
-                         f"wait for its first checkpoint, or check it with: elmctl runs show {run.label}")
-    return Base("checkpoint", str(info.path.resolve()), f"run {run.label} ({info.path.name})")
+    src = resolve_source(spec, store=store, prefix=f"--base {spec}: ")
+    return replace(src, path=Path(src.path).resolve())
 
 
 def _arch(cfg) -> tuple:

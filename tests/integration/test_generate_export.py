@@ -70,7 +70,7 @@ def test_export_loads_with_load_pretrained_and_generates_the_same(cli, runs, tmp
     import torch
 
     import elmctl
-    from elmctl.cli.generate import load_model, resolve_source
+    from elmctl.train.weights import load_model, resolve_source
 
     url = runs[0]
     r = cli("export", "tuned", "--to", str(tmp_path / "hf"), "--store", url, "--format", "json")
@@ -110,7 +110,7 @@ def test_errors(cli, runs, tmp_path):
 def test_choices_are_scored_like_dpo_and_the_most_likely_is_the_pick(cli, runs):
     import torch
 
-    from elmctl.cli.generate import load_model, load_source_tokenizer, resolve_source
+    from elmctl.train.weights import load_model, load_source_tokenizer, resolve_source
     from elmctl.data.chat import encode_chat
 
     url = runs[0]
