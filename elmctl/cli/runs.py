@@ -42,24 +42,16 @@ def _open(store_url: str | None, *, missing_ok: bool = False):
     A SQLite file that does not exist is never created here (these commands only read): with
     ``missing_ok`` the result is None (``list`` says so), else a UsageError.
     """
-    from sqlalchemy.engine import make_url
-
-    from elmctl.report import store_to_read
-    from elmctl.store import Store
-    from elmctl.store._engine import is_memory_sqlite
+    from elmctl.store import Store, nothing_recorded, store_to_read
 
     url, note = store_to_read(store_url)
     if note:
         console(stderr=True).print(f"[yellow]note:[/] {_u(note)}", soft_wrap=True)
-    try:
-        u = make_url(url)
-    except Exception:  # noqa: BLE001 - Store() below names the bad URL
-        u = None
-    if u is not None and u.get_backend_name() == "sqlite" and not is_memory_sqlite(u) \
-            and not Path(u.database).expanduser().is_file():
+    where = nothing_recorded(url)
+    if where is not None:
         if missing_ok:
             return None
-        raise UsageError(f"no store at {Path(u.database).expanduser()}: nothing has been recorded there yet",
+        raise UsageError(f"no store at {where}: nothing has been recorded there yet",
                          hint="run something first (elmctl demo, elmctl pretrain), or point at a store with --store / ELMCTL_STORE")
     store = Store(url)
     store.mark_dead_runs()  # a killed run is shown as failed, never as running
@@ -126,9 +118,9 @@ def list_cmd(
     if store is None:
         if fmt is not Format.table:
             return emit_json([]) if fmt is Format.json else emit_yaml([])
-        from elmctl.report import store_to_read
+        from elmctl.store import nothing_recorded, store_to_read
 
-        where = store_to_read(store_url)[0].removeprefix("sqlite:///")
+        where = nothing_recorded(store_to_read(store_url)[0])
         console().print(f"no runs: no store at {_u(where)} yet (nothing has been recorded there)", soft_wrap=True)
         return
     runs = store.list_runs(kind=kind, status=statuses, study=study, limit=limit)

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from elmctl.errors import UsageError
+from elmctl.store import DEMO_PREFIX, DEMO_STORE, latest_demo_store
+
+# `store_to_read` (which store a read-only command shows) lives in the store: re-exported lazily below
 
 __all__ = ["ReportSource", "open_source", "store_to_read", "latest_demo_store", "DEMO_PREFIX", "overview",
            "study_report", "run_report"]
-
-#: ``elmctl demo`` (default --out) writes ``<ELMCTL_HOME>/demo-<YYYYmmdd-HHMMSS>/elmctl.db``
-DEMO_PREFIX = "demo-"
-DEMO_STORE = "elmctl.db"
 
 _EMPTY_HINT = "run something first (elmctl demo, elmctl pretrain, elmctl tune-sweep), or point at a store with --store URL / ELMCTL_STORE"
 
@@ -47,39 +46,6 @@ class ReportSource:
             self.storage.engine.dispose()
 
 
-def latest_demo_store() -> Path | None:
-    """The store of the newest ``elmctl demo`` under ELMCTL_HOME (by its folder's timestamp), or None."""
-    from elmctl.store._records import home
-
-    root = home()
-    if not root.is_dir():
-        return None
-    found = sorted(p for p in root.glob(f"{DEMO_PREFIX}*/{DEMO_STORE}") if p.is_file())
-    return found[-1] if found else None
-
-
-def store_to_read(url: str | None = None) -> tuple[str, str | None]:
-    """(store URL, note) for a read-only command (``report``, ``runs list``).
-
-    ``url`` (``--store``), else ``ELMCTL_STORE``, else the default SQLite file. When none was given
-    and the default file does not exist yet but ``elmctl demo`` has run here, the newest demo's
-    store is read instead (the demo records into its own folder), and the note says so.
-    """
-    from sqlalchemy.engine import make_url
-
-    from elmctl.store._engine import resolve_url
-
-    full = resolve_url(url)
-    if url or os.environ.get("ELMCTL_STORE"):
-        return full, None
-    default = Path(make_url(full).database or "")
-    demo = None if default.is_file() else latest_demo_store()
-    if demo is None:
-        return full, None
-    return f"sqlite:///{demo}", (f"no store at {default} yet; showing the latest `elmctl demo` store {demo} "
-                                 "(pass --store to read another)")
-
-
 def open_source(url: str | None = None) -> ReportSource:
     """Open the store at ``url`` (default: ``--store`` / ``ELMCTL_STORE`` / ``experiments/elmctl.db``) to read.
 
@@ -87,23 +53,17 @@ def open_source(url: str | None = None) -> ReportSource:
         UsageError: no database at that URL, or one without elmctl runs and without Optuna studies.
     """
     from sqlalchemy import create_engine, inspect
-    from sqlalchemy.engine import make_url
 
-    from elmctl.store._engine import display_url, is_memory_sqlite, server_engine_kwargs
+    from elmctl.store import display_url, engine_kwargs, nothing_recorded, parse_url, store_to_read
 
     full, note = store_to_read(url)
     shown = display_url(full)
-    try:
-        u = make_url(full)
-    except Exception:
-        raise UsageError(f"not a store URL: {full!r}", "e.g. --store sqlite:///experiments/elmctl.db") from None
-    sqlite = u.get_backend_name() == "sqlite"
-    if sqlite and (is_memory_sqlite(u) or not Path(u.database).expanduser().is_file()):
-        where = "an in-memory database" if is_memory_sqlite(u) else str(Path(u.database).expanduser())
+    where = nothing_recorded(full)
+    if where is not None:
         raise UsageError(f"no store at {where}: nothing has been recorded there yet", _EMPTY_HINT)
-    kwargs = {"connect_args": {"timeout": 30.0}} if sqlite else {"pool_pre_ping": True, **server_engine_kwargs(u)}
+    u = parse_url(full)
     try:
-        probe = create_engine(u, **kwargs)
+        probe = create_engine(u, **engine_kwargs(u))
         try:
             tables = set(inspect(probe).get_table_names())
         finally:
@@ -125,9 +85,11 @@ def open_source(url: str | None = None) -> ReportSource:
     if has_studies:
         import optuna
 
+        from elmctl.store import open_optuna_storage
+
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
-            src.storage = optuna.storages.RDBStorage(full, engine_kwargs=kwargs, skip_table_creation=True)
+            src.storage = open_optuna_storage(full, timeout_s=30.0, create_tables=False)
         except Exception as exc:  # e.g. tables written by a newer Optuna
             src.close()
             raise UsageError(f"cannot read the Optuna studies in {shown}: {str(exc).splitlines()[0][:200]}") from None
@@ -135,3 +97,11 @@ def open_source(url: str | None = None) -> ReportSource:
 
 
 from elmctl.report.summary import overview, run_report, study_report  # noqa: E402  (summary imports the above)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "store_to_read":  # loads SQLAlchemy: imported on first use
+        from elmctl.store import store_to_read
+
+        return store_to_read
+    raise AttributeError(f"module 'elmctl.report' has no attribute {name!r}")

@@ -21,12 +21,15 @@ from typing import TYPE_CHECKING, Any
 from elmctl.store._names import NAME_MAX_CHARS, NAME_RULE, check_name
 from elmctl.store._records import (
     ACTIVE_STATUSES,
+    DEMO_PREFIX,
+    DEMO_STORE,
     STATUSES,
     TERMINAL_STATUSES,
     CheckpointRecord,
     MetricRecord,
     RunRecord,
     home,
+    latest_demo_store,
     runs_dir,
 )
 
@@ -44,10 +47,23 @@ __all__ = [
     "home",
     "runs_dir",
     "display_url",
+    "open_optuna_storage",
+    "engine_kwargs",
+    "store_to_read",
+    "latest_demo_store",
+    "nothing_recorded",
+    "parse_url",
+    "DEMO_PREFIX",
+    "DEMO_STORE",
     "check_name",
     "NAME_RULE",
     "NAME_MAX_CHARS",
 ]
+
+
+#: opening the database (SQLAlchemy loads on first use): the store's, Optuna's and the reports' engines
+_ENGINE_NAMES = frozenset({"display_url", "engine_kwargs", "store_to_read", "nothing_recorded",
+                           "resolve_url", "normalize_url", "parse_url"})
 
 
 def __getattr__(name: str) -> Any:
@@ -55,8 +71,12 @@ def __getattr__(name: str) -> Any:
         from elmctl.store._store import Store
 
         return Store
-    if name == "display_url":  # a URL with its password hidden, for messages
-        from elmctl.store._engine import display_url
+    if name == "open_optuna_storage":  # Optuna's storage on the store's database, with its settings
+        from elmctl.store._engine import optuna_storage
 
-        return display_url
+        return optuna_storage
+    if name in _ENGINE_NAMES:  # display_url: a URL with its password hidden, for messages
+        from elmctl.store import _engine
+
+        return getattr(_engine, name)
     raise AttributeError(f"module 'elmctl.store' has no attribute {name!r}")

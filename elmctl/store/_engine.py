@@ -37,7 +37,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.pool import NullPool, StaticPool
 
 from elmctl.errors import RuntimeFailure, UsageError
-from elmctl.store._records import home
+from elmctl.store._records import home, latest_demo_store
 
 BUSY_TIMEOUT_S = 30.0
 PG_CONNECT_TIMEOUT_S = 10
@@ -61,6 +61,40 @@ def resolve_url(url: str | None) -> str:
     if "://" not in url:
         return f"sqlite:///{Path(url).expanduser().resolve()}"
     return normalize_url(url)
+
+
+def store_to_read(url: str | None = None) -> tuple[str, str | None]:
+    """(store URL, note) for a read-only command (``report``, ``runs list``, ``generate RUN``).
+
+    ``url`` (``--store``), else ``ELMCTL_STORE``, else the default SQLite file. When none was given
+    and the default file does not exist yet but ``elmctl demo`` has run here, the newest demo's
+    store is read instead (the demo records into its own folder), and the note says so.
+    """
+    full = resolve_url(url)
+    if url or os.environ.get("ELMCTL_STORE"):
+        return full, None
+    default = Path(make_url(full).database or "")
+    demo = None if default.is_file() else latest_demo_store()
+    if demo is None:
+        return full, None
+    return f"sqlite:///{demo}", (f"no store at {default} yet; showing the latest `elmctl demo` store {demo} "
+                                 "(pass --store to read another)")
+
+
+def nothing_recorded(url: str) -> str | None:
+    """Where, when ``url`` names a SQLite database that cannot hold records yet (in memory, or a file
+    that does not exist): read-only commands say so instead of creating it. None otherwise (also for
+    a malformed URL, which opening it reports)."""
+    try:
+        u = make_url(url)
+    except (ArgumentError, ValueError):
+        return None
+    if u.get_backend_name() != "sqlite":
+        return None
+    if is_memory_sqlite(u):
+        return "an in-memory database"
+    db = Path(u.database).expanduser()
+    return None if db.is_file() else str(db)
 
 
 def _importable(module: str) -> bool:
@@ -142,47 +176,72 @@ def check_local_sqlite(db_path: Path, mounts: str = "/proc/mounts") -> None:
         )
 
 
-def server_engine_kwargs(u: URL) -> dict:
+def server_engine_kwargs(u: URL, connect_timeout_s: int = PG_CONNECT_TIMEOUT_S) -> dict:
     """``create_engine`` keywords for a database server URL: a connect timeout for PostgreSQL."""
     if u.get_backend_name() == "postgresql" and u.get_driver_name() in ("psycopg", "psycopg2") \
             and "connect_timeout" not in u.query:
-        return {"connect_args": {"connect_timeout": PG_CONNECT_TIMEOUT_S}}
+        return {"connect_args": {"connect_timeout": connect_timeout_s}}
     return {}
 
 
-def make_engine(url: str) -> Engine:
-    """Create the engine for ``url``; bad URLs and missing drivers raise UsageError."""
-    try:
-        u = make_url(url)
-    except (ArgumentError, ValueError) as exc:
-        raise UsageError(f"not a store URL: {url!r}", hint=_URL_HINT) from exc
-    kwargs: dict = {}
+def engine_kwargs(u: URL, *, timeout_s: float = BUSY_TIMEOUT_S) -> dict:
+    """``create_engine`` keywords for any store URL; every engine on the store's database gets these
+    (the store's, Optuna's, a report's probe).
+
+    In-memory SQLite: one shared connection (a new one would see an empty database). SQLite file: a
+    lock timeout of ``timeout_s``. Server: ``pool_pre_ping`` and a connect timeout (PostgreSQL,
+    at most ``timeout_s``).
+    """
+    if u.get_backend_name() == "sqlite":
+        if is_memory_sqlite(u):
+            return {"poolclass": StaticPool, "connect_args": {"check_same_thread": False}}
+        return {"connect_args": {"timeout": timeout_s}}
+    return {"pool_pre_ping": True,
+            **server_engine_kwargs(u, int(min(PG_CONNECT_TIMEOUT_S, timeout_s)) or 1)}
+
+
+def make_engine(url: str, *, timeout_s: float = BUSY_TIMEOUT_S) -> Engine:
+    """Create the engine for ``url`` (a SQLite file's folder is created, its settings installed);
+    bad URLs, SQLite on a network filesystem and missing drivers raise UsageError."""
+    u = parse_url(url)
+    kwargs = engine_kwargs(u, timeout_s=timeout_s)
     sqlite = u.get_backend_name() == "sqlite"
-    if sqlite and is_memory_sqlite(u):
-        # One shared connection, or every new connection would see an empty database.
-        kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
-    elif sqlite:
-        db_path = Path(u.database).expanduser()
-        check_local_sqlite(db_path)
-        try:
-            db_path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError(f"cannot create the folder for store {db_path}: {exc}", hint=_URL_HINT) from exc
-        kwargs.update(connect_args={"timeout": BUSY_TIMEOUT_S})
-    else:
-        kwargs.update(pool_pre_ping=True, **server_engine_kwargs(u))
+    if sqlite and not is_memory_sqlite(u):
+        prepare_sqlite_file(u)
     try:
         engine = create_engine(u, **kwargs)
     except NoSuchModuleError as exc:
         raise UsageError(f"unknown database scheme {u.drivername!r} in store URL {display_url(url)}", hint=_URL_HINT) from exc
     except ImportError as exc:
-        hint = "install the driver into elmctl's environment"
-        if u.get_backend_name() == "postgresql":
-            hint += ': pip install "psycopg[binary]" (for postgresql:// or postgresql+psycopg://)'
-        raise UsageError(f"the database driver for {u.drivername!r} is not installed ({exc})", hint=hint) from exc
+        raise _missing_driver(u, exc) from exc
     if sqlite:
-        _install_sqlite_settings(engine, memory=is_memory_sqlite(u))
+        _install_sqlite_settings(engine, memory=is_memory_sqlite(u), timeout_s=timeout_s)
     return engine
+
+
+def parse_url(url: str) -> URL:
+    """``url`` parsed; not a URL -> UsageError."""
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError) as exc:
+        raise UsageError(f"not a store URL: {url!r}", hint=_URL_HINT) from exc
+
+
+def prepare_sqlite_file(u: URL) -> None:
+    """Before a SQLite file is opened for writing: refuse a network filesystem, create its folder."""
+    db_path = Path(u.database).expanduser()
+    check_local_sqlite(db_path)
+    try:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the folder for store {db_path}: {exc}", hint=_URL_HINT) from exc
+
+
+def _missing_driver(u: URL, exc: ImportError) -> UsageError:
+    hint = "install the driver into elmctl's environment"
+    if u.get_backend_name() == "postgresql":
+        hint += ': pip install "psycopg[binary]" (for postgresql:// or postgresql+psycopg://)'
+    return UsageError(f"the database driver for {u.drivername!r} is not installed ({exc})", hint=hint)
 
 
 def make_readonly_engine(url: str) -> Engine | None:
@@ -235,25 +294,78 @@ def lock_schema(conn: Connection) -> None:
         conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY})")
 
 
-def _install_sqlite_settings(engine: Engine, *, memory: bool, read_only: bool = False) -> None:
+def _install_sqlite_settings(engine: Engine, *, memory: bool, read_only: bool = False,
+                            timeout_s: float = BUSY_TIMEOUT_S, optuna: bool = False) -> None:
+    """The SQLite settings (module docstring) on every connection ``engine`` opens.
+
+    The store's transactions are ``BEGIN IMMEDIATE`` when opened with ``elmctl_write``; Optuna's
+    (``optuna=True``) always are: a deferred transaction that reads and then writes fails at once with
+    "database is locked" when another connection wrote in between (optuna#820/#4994). Optuna's
+    connections keep its own foreign-key and sync settings.
+    """
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn, _record) -> None:
         # Autocommit at the driver level: BEGIN is issued by _on_begin, so write transactions can
         # start with BEGIN IMMEDIATE (SQLAlchemy's documented pysqlite recipe).
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        cur.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
         if not memory:
             cur.execute("PRAGMA journal_mode = WAL")
-        if not read_only:
+        if not read_only and not optuna:
             cur.execute("PRAGMA synchronous = NORMAL")
-        cur.execute("PRAGMA foreign_keys = ON")
+        if not optuna:
+            cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        write = conn.get_execution_options().get("elmctl_write", False)
+        write = optuna or conn.get_execution_options().get("elmctl_write", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def optuna_storage(url: str, *, timeout_s: float = 60.0, create_tables: bool = True):
+    """Optuna's ``RDBStorage`` on the store's database, with the store's engine settings.
+
+    ``create_tables``: a SQLite file's folder is created and, on PostgreSQL, Optuna creates its tables
+    under the store's schema lock (:func:`lock_schema`: drivers starting together on a fresh database
+    would otherwise collide in ``CREATE TABLE``). Without it, nothing is created (for reading).
+    Errors from Optuna or the driver pass through (the caller names them).
+    """
+    import optuna
+
+    url = normalize_url(url)
+    u = parse_url(url)
+    kwargs = engine_kwargs(u, timeout_s=timeout_s)
+    sqlite = u.get_backend_name() == "sqlite"
+    if sqlite and create_tables and not is_memory_sqlite(u):
+        prepare_sqlite_file(u)
+    with _schema_guard(u, kwargs) if create_tables else _nothing():
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=kwargs, skip_table_creation=not create_tables)
+    if sqlite and create_tables:  # a reader takes no write lock
+        _install_sqlite_settings(storage.engine, memory=is_memory_sqlite(u), timeout_s=timeout_s, optuna=True)
+        storage.engine.dispose()  # connections opened while Optuna created its tables lack the settings
+    return storage
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _schema_guard(u: URL, kwargs: dict) -> Iterator[None]:
+    """Hold the store's schema lock (PostgreSQL only) on a side connection while the body runs."""
+    if u.get_backend_name() != "postgresql":
+        yield
+        return
+    engine = create_engine(u, poolclass=NullPool, **{k: v for k, v in kwargs.items() if k != "pool_pre_ping"})
+    try:
+        with engine.connect() as conn, conn.begin():
+            lock_schema(conn)  # released when this transaction ends, after the body
+            yield
+    finally:
+        engine.dispose()
 
 
 def _reason(exc: SQLAlchemyError) -> str:

@@ -126,3 +126,17 @@ class CheckpointRecord:
     path: str
     created_at: str
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+#: ``elmctl demo`` (default --out) writes ``<ELMCTL_HOME>/demo-<YYYYmmdd-HHMMSS>/elmctl.db``
+DEMO_PREFIX = "demo-"
+DEMO_STORE = "elmctl.db"
+
+
+def latest_demo_store() -> Path | None:
+    """The store of the newest ``elmctl demo`` under ELMCTL_HOME (by its folder's timestamp), or None."""
+    root = home()
+    if not root.is_dir():
+        return None
+    found = sorted(p for p in root.glob(f"{DEMO_PREFIX}*/{DEMO_STORE}") if p.is_file())
+    return found[-1] if found else None

@@ -61,34 +61,18 @@ def open_storage(url: str, *, timeout_s: float = 60.0) -> "optuna.storages.RDBSt
     its tables, the store's schema lock: drivers starting together on a fresh database would
     otherwise collide in ``CREATE TABLE``.
     """
-    import optuna
-    import sqlalchemy
+    from elmctl.store import open_optuna_storage
 
-    from elmctl.store._engine import normalize_url
-
-    url = normalize_url(url)
-    engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        engine_kwargs["connect_args"] = {"timeout": timeout_s}
-        db = sqlalchemy.engine.make_url(url).database
-        if db and db != ":memory:":
-            Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
-    elif url.startswith(("postgresql", "mysql")):
-        engine_kwargs["pool_pre_ping"] = True
-        if url.startswith("postgresql") and "connect_timeout" not in url:
-            engine_kwargs["connect_args"] = {"connect_timeout": int(min(timeout_s, 30))}
     try:
-        with _schema_guard(url, engine_kwargs):
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
-    except Exception as exc:  # driver missing, host down, bad credentials, bad URL syntax
+        return open_optuna_storage(url, timeout_s=timeout_s)
+    except UsageError:
+        raise
+    except Exception as exc:  # driver missing, host down, bad credentials
         raise UsageError(
             f"cannot open the study storage {_redact(url)}: {_first_line(exc)}",
             "check --storage/--store (SQLAlchemy URL, e.g. sqlite:///experiments/elmctl.db or "
             "postgresql://user@host/db) and that the database is reachable from this machine",
         ) from None
-    if url.startswith("sqlite"):
-        _immediate_transactions(storage.engine, timeout_s)
-    return storage
 
 
 def _first_line(exc: BaseException) -> str:
@@ -96,53 +80,6 @@ def _first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     lines = str(orig).strip().splitlines() or [""]
     return f"{type(orig).__name__}: {lines[0][:200]}"
-
-
-@contextmanager
-def _schema_guard(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
-    """Hold the store's schema lock (PostgreSQL only) on a side connection while the body runs."""
-    if not url.startswith("postgresql"):
-        yield
-        return
-    import sqlalchemy
-    from sqlalchemy.pool import NullPool
-
-    from elmctl.store._engine import lock_schema
-
-    kwargs = {k: v for k, v in engine_kwargs.items() if k != "pool_pre_ping"}
-    engine = sqlalchemy.create_engine(url, poolclass=NullPool, **kwargs)
-    try:
-        with engine.connect() as conn, conn.begin():
-            lock_schema(conn)  # released when this transaction ends, after the body
-            yield
-    finally:
-        engine.dispose()
-
-
-def _immediate_transactions(engine: Any, timeout_s: float) -> None:
-    """Make every Optuna transaction on SQLite start with BEGIN IMMEDIATE.
-
-    Trial processes write metrics into the same file. A deferred SQLite transaction that reads and
-    then writes fails at once with "database is locked" when another connection wrote in between
-    (the busy timeout does not apply to that upgrade): the root of optuna#820/#4994. Taking the
-    write lock up front makes such a transaction wait its turn instead. The driver is the only
-    writer of the study, so the lock is held briefly.
-    """
-    from sqlalchemy import event
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record) -> None:  # noqa: ANN001
-        dbapi_conn.isolation_level = None  # BEGIN is issued by _on_begin
-        cur = dbapi_conn.cursor()
-        cur.execute(f"PRAGMA busy_timeout = {int(timeout_s * 1000)}")
-        cur.execute("PRAGMA journal_mode = WAL")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn) -> None:  # noqa: ANN001
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
-
-    engine.dispose()  # connections opened while Optuna created its tables lack the settings
 
 
 def _redact(url: str) -> str:
