@@ -20,7 +20,7 @@ the torchrun worker ``python -m elmctl.train.tune <run_dir>`` for several.
 - Schedule: linear warm-up over ceil(warmup_ratio x total steps), then cosine to 0 (HF); AdamW
   with the recipe's weight decay (0 in Table 10) and default betas.
 - Resume: ``opt["resume"]`` (picked and verified by ``elmctl tune --resume-from``, see
-  :mod:`elmctl.sweep.resume`) is an earlier attempt's checkpoint with the same identity and batch
+  :mod:`elmctl.train.tune_resume`) is an earlier attempt's checkpoint with the same identity and batch
   plan. Weights, AdamW state, data position and RNG are restored, the source run's metrics up to that
   step are copied into this run (its curves and per-epoch rows are whole), and training continues at
   the next step: the steps, batches and learning rates of an uninterrupted run.
@@ -236,7 +236,7 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
             ostate = D.optimizer_state(runner, optimizer)
             rngs = D.gather_objects(D.rng_state())
             if info.is_main:
-                # `resume` + the batch plan are what elmctl.sweep.resume.compare checks before a resume
+                # `resume` + the batch plan are what elmctl.train.tune_resume.compare checks before a resume
                 meta = {"world_size": info.world_size, "global_batch": batches.global_batch, "micro_batch": micro,
                         "grad_accumulation": accum, "recipe_id": recipe.id, "run_id": run_id, "kind": "tune",
                         "epoch": step // spe, "steps_per_epoch": spe, "resume": opt.get("identity")}
