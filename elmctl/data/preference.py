@@ -37,7 +37,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from elmctl.data import _manifest as mf
-from elmctl.data._prepare import PrepareResult, doc_fraction
+from elmctl.data.prepare import PrepareResult, doc_fraction
 from elmctl.data._readers import iter_records
 from elmctl.data.chat import TEMPLATE_NAME, encode_chat, encode_completion, format_prompt
 from elmctl.data.shards import ShardWriter
