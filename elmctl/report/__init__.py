@@ -20,8 +20,7 @@ from typing import Any
 
 from elmctl.errors import UsageError
 
-__all__ = ["ReportSource", "open_source", "store_to_read", "latest_demo_store", "DEMO_PREFIX", "overview",
-           "study_report", "run_report"]
+__all__ = ["ReportSource", "open_source", "store_to_read", "latest_demo_store", "DEMO_PREFIX"]
 
 #: ``elmctl demo`` (default --out) writes ``<ELMCTL_HOME>/demo-<YYYYmmdd-HHMMSS>/elmctl.db``
 DEMO_PREFIX = "demo-"
@@ -133,5 +132,3 @@ def open_source(url: str | None = None) -> ReportSource:
             raise UsageError(f"cannot read the Optuna studies in {shown}: {str(exc).splitlines()[0][:200]}") from None
     return src
 
-
-from elmctl.report.summary import overview, run_report, study_report  # noqa: E402  (summary imports the above)
