@@ -265,9 +265,7 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
         return TuneResult(result.status, result.step, dict(last_eval), error)
     except BaseException as exc:
         if store is not None:
-            from elmctl.train.launcher import record_failure
-
-            record_failure(store, run_id, exc)  # best effort: a full disk may hold the store too
+            store.record_failure(run_id, exc)  # best effort: a full disk may hold the store too
         try:
             event(f"failed: {type(exc).__name__}: {exc}")
         except OSError:
