@@ -45,8 +45,7 @@ def _open(store_url: str | None, *, missing_ok: bool = False):
     from sqlalchemy.engine import make_url
 
     from elmctl.report import store_to_read
-    from elmctl.store import Store
-    from elmctl.store._engine import is_memory_sqlite
+    from elmctl.store import Store, is_memory_sqlite
 
     url, note = store_to_read(store_url)
     if note:

@@ -48,7 +48,7 @@ class ReportSource:
 
 def latest_demo_store() -> Path | None:
     """The store of the newest ``elmctl demo`` under ELMCTL_HOME (by its folder's timestamp), or None."""
-    from elmctl.store._records import home
+    from elmctl.store import home
 
     root = home()
     if not root.is_dir():
@@ -66,7 +66,7 @@ def store_to_read(url: str | None = None) -> tuple[str, str | None]:
     """
     from sqlalchemy.engine import make_url
 
-    from elmctl.store._engine import resolve_url
+    from elmctl.store import resolve_url
 
     full = resolve_url(url)
     if url or os.environ.get("ELMCTL_STORE"):
@@ -88,7 +88,7 @@ def open_source(url: str | None = None) -> ReportSource:
     from sqlalchemy import create_engine, inspect
     from sqlalchemy.engine import make_url
 
-    from elmctl.store._engine import display_url, is_memory_sqlite, server_engine_kwargs
+    from elmctl.store import display_url, is_memory_sqlite, server_engine_kwargs
 
     full, note = store_to_read(url)
     shown = display_url(full)

@@ -44,10 +44,19 @@ __all__ = [
     "home",
     "runs_dir",
     "display_url",
+    "resolve_url",
+    "normalize_url",
+    "is_memory_sqlite",
+    "server_engine_kwargs",
+    "lock_schema",
     "check_name",
     "NAME_RULE",
     "NAME_MAX_CHARS",
 ]
+
+# elmctl.store._engine's public helpers, loaded with SQLAlchemy on first use: display_url (a URL with its
+# password hidden, for messages), resolve_url, normalize_url, is_memory_sqlite, server_engine_kwargs, lock_schema
+_ENGINE = ("display_url", "resolve_url", "normalize_url", "is_memory_sqlite", "server_engine_kwargs", "lock_schema")
 
 
 def __getattr__(name: str) -> Any:
@@ -55,8 +64,8 @@ def __getattr__(name: str) -> Any:
         from elmctl.store._store import Store
 
         return Store
-    if name == "display_url":  # a URL with its password hidden, for messages
-        from elmctl.store._engine import display_url
+    if name in _ENGINE:  # URL and engine helpers for code that opens the database itself (Optuna, reports)
+        from elmctl.store import _engine
 
-        return display_url
+        return getattr(_engine, name)
     raise AttributeError(f"module 'elmctl.store' has no attribute {name!r}")

@@ -64,7 +64,7 @@ def open_storage(url: str, *, timeout_s: float = 60.0) -> "optuna.storages.RDBSt
     import optuna
     import sqlalchemy
 
-    from elmctl.store._engine import normalize_url
+    from elmctl.store import normalize_url
 
     url = normalize_url(url)
     engine_kwargs: dict[str, Any] = {}
@@ -107,7 +107,7 @@ def _schema_guard(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
     import sqlalchemy
     from sqlalchemy.pool import NullPool
 
-    from elmctl.store._engine import lock_schema
+    from elmctl.store import lock_schema
 
     kwargs = {k: v for k, v in engine_kwargs.items() if k != "pool_pre_ping"}
     engine = sqlalchemy.create_engine(url, poolclass=NullPool, **kwargs)

@@ -80,7 +80,7 @@ def _imports(rel: str) -> list[tuple[str, int]]:
             for a in node.names:
                 sub = f"{target}.{a.name}"
                 out.append((sub if sub in MODULES else target, node.lineno))
-    return out
+    return list(dict.fromkeys(out))
 
 
 def _core_files() -> list[str]:
