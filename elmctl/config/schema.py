@@ -7,7 +7,7 @@ Field names follow the paper/CoreNet where one exists; units are in the names.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
@@ -21,7 +21,16 @@ __all__ = [
     "InstructConfig",
     "Provenance",
     "Recipe",
+    "PreferenceLoss",
+    "PREFERENCE_LOSSES",
+    "TUNE_LOSSES",
 ]
+
+#: the preference losses of DPO tuning (``instruct.loss``, ``elmctl tune --loss``): sigmoid = DPO,
+#: hinge = RSO/SLiC-style; ``elmctl tune --loss`` also takes sft (supervised fine-tuning on the chosen answers)
+PreferenceLoss = Literal["sigmoid", "hinge"]
+PREFERENCE_LOSSES: tuple[str, ...] = get_args(PreferenceLoss)
+TUNE_LOSSES: tuple[str, ...] = (*PREFERENCE_LOSSES, "sft")
 
 # Strict scalars: a YAML `true` is not the number 1, "16" is not an int and 4.0 is not a layer
 # count. Floats still accept ints (`rope_freq_constant: 10000`). The loader's YAML reader parses
@@ -232,7 +241,7 @@ class InstructConfig(_Frozen):
     """Paper Table 10: DPO via alignment-handbook/TRL (CoreNet ``README-instruct.md``)."""
 
     method: Literal["dpo"] = "dpo"
-    loss: Literal["sigmoid", "hinge"] = Field(description="sigmoid = DPO; hinge = RSO/SLiC-style.")
+    loss: PreferenceLoss = Field(description="sigmoid = DPO; hinge = RSO/SLiC-style.")
     beta: Float = Field(default=0.01, gt=0, le=10, description="DPO temperature.")
     lr: Float = Field(gt=0, lt=1, description="The paper's chosen learning rate for this size.")
     epochs: Int = Field(ge=1, le=1000, description="The paper's chosen number of epochs for this size.")

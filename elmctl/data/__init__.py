@@ -13,4 +13,8 @@ from __future__ import annotations
 
 from elmctl.data._manifest import resolve_data_dir
 
-__all__ = ["resolve_data_dir"]
+__all__ = ["resolve_data_dir", "IGNORE_INDEX"]
+
+#: the label of a position no loss counts (prompt, padding, past the end): the collators write it, the
+#: objectives (``train.objectives``, ``train.dpo``) skip it; the value transformers uses
+IGNORE_INDEX = -100

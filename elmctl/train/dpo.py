@@ -19,14 +19,17 @@ Shapes: B pairs, N = 2B rows, L sequence length, V vocabulary rows.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from elmctl.data import IGNORE_INDEX
+
+if TYPE_CHECKING:  # pragma: no cover
+    from elmctl.config.schema import PreferenceLoss
+
 __all__ = [
-    "IGNORE_INDEX",
-    "LOSS_TYPES",
     "sequence_logps",
     "split_pair_logps",
     "dpo_losses",
@@ -34,9 +37,6 @@ __all__ = [
     "sft_loss",
 ]
 
-IGNORE_INDEX = -100
-LOSS_TYPES = ("sigmoid", "hinge", "sft")
-PreferenceLoss = Literal["sigmoid", "hinge"]
 
 
 def sequence_logps(logits_NLV: torch.Tensor, labels_NL: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,10 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "chunked_lm_loss", "naive_lm_loss", "lm_objective", "shift_labels"]
+from elmctl.data import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["chunked_lm_loss", "naive_lm_loss", "lm_objective", "shift_labels"]
+
 DEFAULT_CHUNK_TOKENS = 4096
 
 Objective = Callable[[Any, dict], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]

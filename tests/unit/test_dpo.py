@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from elmctl.data import IGNORE_INDEX
 from elmctl.train.dpo import (
-    IGNORE_INDEX,
     dpo_losses,
     preference_metrics,
     sequence_logps,
