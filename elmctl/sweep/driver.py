@@ -46,10 +46,12 @@ from elmctl.sweep import study as S
 from elmctl.sweep.results import summarize
 from elmctl.sweep.scheduler import Slot, TrialProcess, stop_process_group
 from elmctl.sweep.spec import SweepSpec, trial_command
+from elmctl.train.metric_keys import METRIC_DIRECTIONS
 
 __all__ = ["TrialView", "SweepDriver"]
 
-EVAL_KEYS = ("eval_loss", "reward_accuracy", "reward_margin")
+#: the metrics the live view shows and a trial's value comes from
+EVAL_KEYS = tuple(METRIC_DIRECTIONS)
 
 
 @dataclass

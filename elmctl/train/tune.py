@@ -58,16 +58,12 @@ from elmctl.errors import RuntimeFailure
 from elmctl.train import dist as D
 from elmctl.train.dpo import dpo_losses, sequence_logps, sft_loss, split_pair_logps
 from elmctl.train.loop import to_device
+from elmctl.train.metric_keys import EVAL_KEYS
 from elmctl.train.tune_batches import PairBatches, collate
 from elmctl.train.tune_inputs import load_base_weights
 from elmctl.train.tune_resume import load_resume_point
 
 __all__ = ["make_objective", "run_tune", "TuneResult"]
-
-# preference_accuracy: the tuned model alone ranks chosen above rejected (log p); base_...: the
-# frozen base does (the same number every epoch: where the tuning started).
-EVAL_KEYS = ("eval_loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward",
-             "preference_accuracy", "base_preference_accuracy")
 
 
 def _ref_logps(ref_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
