@@ -11,8 +11,6 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
 
-from elmctl.config.derived import layer_shapes
-
 __all__ = [
     "FieldProblems",
     "ModelConfig",
@@ -150,19 +148,8 @@ class ModelConfig(_Frozen):
                     f"rope_max_length {self.rope_max_length} is shorter than context_length {self.context_length}",
                 )
             )
-        if not problems:
-            # make_divisible(d * alpha, d_h * num_gqa_groups) makes both hold by construction;
-            # kept as a guard because the model and the HF export divide by these numbers.
-            for layer in layer_shapes(self):
-                if layer.query_heads % self.num_gqa_groups or layer.kv_heads < 1:
-                    problems.append(
-                        (
-                            "num_gqa_groups",
-                            f"layer {layer.index}: {layer.query_heads} query heads do not form whole groups of "
-                            f"num_gqa_groups {self.num_gqa_groups} (kv heads {layer.kv_heads})",
-                        )
-                    )
-                    break
+        # Every layer's query heads form whole groups of num_gqa_groups by construction
+        # (make_divisible(d * alpha, d_h * num_gqa_groups)): test_every_layer_has_whole_kv_groups_by_construction.
         _raise(problems)
         return self
 
