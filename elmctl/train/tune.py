@@ -56,7 +56,7 @@ import torch
 
 from elmctl.errors import RuntimeFailure
 from elmctl.train import dist as D
-from elmctl.train.dpo import dpo_losses, sequence_logps, sft_loss, split_pair_logps
+from elmctl.train.dpo import dpo_losses, preference_metrics, sequence_logps, sft_loss, split_pair_logps
 from elmctl.train.loop import to_device
 from elmctl.train.metric_keys import EVAL_KEYS
 from elmctl.train.tune_batches import PairBatches, collate
@@ -94,8 +94,7 @@ def make_objective(loss: str, beta: float, ref_model: torch.nn.Module | None) ->
         if loss == "sft":  # eval of an SFT run: its own loss on the chosen rows
             half = batch["labels"].shape[0] // 2
             out = sft_loss(logits[:half], batch["labels"][:half])
-        metrics = {"reward_accuracy": (cr > rj).float().mean(), "reward_margin": (cr - rj).mean(),
-                   "chosen_reward": cr.mean(), "rejected_reward": rj.mean(),
+        metrics = {**preference_metrics(cr, rj),
                    "preference_accuracy": (pc > pr).float().mean(), "base_preference_accuracy": (rc > rr).float().mean()}
         return out, {k: v.detach() for k, v in metrics.items()}
 
