@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from elmctl.config.schema import TUNE_LOSSES
 from elmctl.errors import UsageError
 
 RecipeOpt = Annotated[str, typer.Option("--recipe", "-r", help="Recipe id (270m, 450m, 1_1b, 3b, tiny) or YAML path.")]
@@ -19,7 +20,7 @@ PrecomputeOpt = Annotated[bool, typer.Option("--precompute-ref", help="Compute t
 def check_loss(loss: str | None, recipe) -> str:
     """``--loss``, or the recipe's loss when not given; anything but sigmoid/hinge/sft -> UsageError."""
     loss = loss or recipe.instruct.loss
-    if loss not in ("sigmoid", "hinge", "sft"):
+    if loss not in TUNE_LOSSES:
         raise UsageError(f"--loss {loss!r}: expected sigmoid, hinge or sft", "sigmoid is DPO; hinge is the RSO/SLiC loss")
     return loss
 

@@ -105,7 +105,8 @@ def sweep_cmd(
     from elmctl.sweep import study as S
     from elmctl.sweep.driver import SweepDriver
     from elmctl.sweep.scheduler import plan_slots
-    from elmctl.sweep.spec import METRIC_DIRECTIONS, SweepSpec
+    from elmctl.sweep.spec import SweepSpec
+    from elmctl.train.metric_keys import METRIC_DIRECTIONS
     from elmctl.config.plan import tune_plan
     from elmctl.train.tune_inputs import check_base, check_preference_data, resolve_base
 

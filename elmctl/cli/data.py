@@ -125,7 +125,7 @@ def prepare_cmd(
     enabled = fmt is Format.table and console(stderr=True).is_terminal
     with _Progress(enabled) as bar:
         if kind is Kind.pretrain:
-            from elmctl.data.shards import prepare_pretrain
+            from elmctl.data.prepare import prepare_pretrain
 
             result = prepare_pretrain(
                 inputs, out, tokenizer, recipe=recipe, text_key=text_key, min_chars=min_chars,

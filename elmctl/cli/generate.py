@@ -68,7 +68,7 @@ def score_choices(model, tok, prompt: str, choices: list[str], *, chat: bool) ->
 
     from elmctl.data.chat import encode_chat, encode_completion
     from elmctl.train.dpo import sequence_logps
-    from elmctl.train.objectives import IGNORE_INDEX
+    from elmctl.data import IGNORE_INDEX
 
     prompt_ids = encode_chat(tok, [{"role": "user", "content": prompt}]) if chat else tok.encode(prompt, add_bos=True)
     rows = []

@@ -69,13 +69,7 @@ def _register(names) -> None:
     for name in names:
         if name in _registered:
             continue
-        try:
-            module = importlib.import_module(f"elmctl.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"elmctl.cli.{name}":
-                continue  # command group not built yet
-            raise
-        module.register(app)
+        importlib.import_module(f"elmctl.cli.{name}").register(app)
         _registered.add(name)
 
 

@@ -117,11 +117,13 @@ def show_cmd(
     """
     from elmctl.config.derived import GPU_PEAK_BF16_FLOPS, derive
     from elmctl.config.loader import load_recipe
+    from elmctl.config.plan import batch_plan
 
     if gpu.upper() not in GPU_PEAK_BF16_FLOPS:
         raise UsageError(f"unknown --gpu '{gpu}'", f"choose one of {', '.join(GPU_PEAK_BF16_FLOPS)}")
     r = load_recipe(recipe, overrides or [])
-    d = derive(r, gpus=gpus, gpu_mem_gib=gpu_mem, gpu=gpu, mfu=mfu)
+    plan = None if gpus is None else batch_plan(r, gpus, gpu_mem_gib=gpu_mem, gpu=gpu, mfu=mfu)
+    d = derive(r, plan=plan)
     if fmt is Format.json:
         return emit_json(_recipe_json(r, d))
     if fmt is Format.yaml:

@@ -96,7 +96,7 @@ def tune_cmd(
     bp = tune_plan(rec, world, gpu_mem_gib=mem, on_gpu=bool(gpu_list), precompute_ref=precompute_ref, loss=loss)
     micro, accum = bp.micro_batch, bp.grad_accumulation
     devices = ",".join(map(str, gpu_list)) if gpu_list else "cpu"
-    from elmctl.sweep import resume as R
+    from elmctl.train import tune_resume as R
 
     identity = R.trial_identity(rec, lr=lr, epochs=epochs, loss=loss, base_path=str(b.path), data_dir=data_dir,
                                 precompute_ref=precompute_ref, on_gpu=bool(gpu_list),

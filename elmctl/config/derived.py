@@ -25,7 +25,6 @@ __all__ = [
     "param_count",
     "flops_per_token",
     "memory_estimate",
-    "batch_plan",
     "derive",
 ]
 
@@ -196,54 +195,15 @@ def memory_estimate(
     }
 
 
-def batch_plan(
-    recipe: "Recipe",
-    gpus: int,
-    *,
-    gpu_mem_gib: float = 80.0,
-    micro_batch: int | None = None,
-    gpu: str = "H100",
-    mfu: float = 0.5,
-) -> dict[str, Any]:
-    """``recipe show --gpus``: the pre-training plan of :func:`elmctl.config.plan.pretrain_plan`
-    (the one pretrain --dry-run and the launch use) plus the time it takes.
-
-    Raises:
-        UsageError: the global batch does not split over ``gpus`` (see :func:`elmctl.config.plan.split_batch`).
-    """
-    from elmctl.config.plan import pretrain_plan
-
-    pt, model = recipe.pretrain, recipe.model
-    plan = pretrain_plan(recipe, gpus, gpu_mem_gib=gpu_mem_gib, micro_batch=micro_batch)
-    est_no_ckpt = memory_estimate(model, plan.micro_batch, checkpointing=False, fsdp_shards=plan.shards)
-    tokens_total = plan.global_batch * model.context_length * pt.max_iterations
-    total_flops = flops_per_token(model) * tokens_total
-    peak = GPU_PEAK_BF16_FLOPS.get(gpu.upper(), GPU_PEAK_BF16_FLOPS["H100"])
-    return {
-        **plan.to_dict(),
-        "gpus": gpus,
-        "global_batch_sequences": plan.global_batch,
-        "recipe_global_batch_sequences": plan.global_batch,
-        "keeps_global_batch": True,
-        "activation_checkpointing": pt.activation_checkpointing,
-        "fsdp_shards": plan.shards,
-        "memory_gib": plan.memory_gib_per_gpu,
-        "memory_gib_without_checkpointing": est_no_ckpt["total"] / GIB,
-        "gpu": gpu.upper(),
-        "mfu": mfu,
-        "days": total_flops / (gpus * peak * mfu) / 86400,
-    }
-
-
 def derive(
     recipe: "Recipe",
     *,
-    gpus: int | None = None,
-    gpu_mem_gib: float = 80.0,
-    gpu: str = "H100",
-    mfu: float = 0.5,
+    plan: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """All derived numbers of a recipe as plain data (the `derived` key of `recipe show --format json`)."""
+    """All derived numbers of a recipe as plain data (the `derived` key of `recipe show --format json`).
+
+    ``plan``: a :func:`elmctl.config.plan.batch_plan` to show under ``plan`` (``recipe show --gpus``).
+    """
     model, pt = recipe.model, recipe.pretrain
     hf = param_count(model)
     train = param_count(model, model.padded_vocab_size)
@@ -287,8 +247,8 @@ def derive(
             "out_proj": model.model_dim**-0.5 * (2 * model.num_layers) ** -0.5,
         },
     }
-    if gpus is not None:
-        out["plan"] = batch_plan(recipe, gpus, gpu_mem_gib=gpu_mem_gib, gpu=gpu, mfu=mfu)
+    if plan is not None:
+        out["plan"] = plan
     return out
 
 

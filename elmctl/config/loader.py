@@ -176,10 +176,6 @@ def _parse(text: str) -> tuple[Any, yaml.Node | None]:
         loader.dispose()
 
 
-def _yaml_load(text: str) -> Any:
-    return _parse(text)[0]
-
-
 class _LineMap:
     """Dotted field path -> line number, read from the YAML node tree."""
 

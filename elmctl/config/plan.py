@@ -22,13 +22,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from elmctl.config.derived import GIB, memory_estimate, param_count
+from elmctl.config.derived import GIB, GPU_PEAK_BF16_FLOPS, flops_per_token, memory_estimate, param_count
 from elmctl.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from elmctl.config.schema import ModelConfig, Recipe
 
-__all__ = ["HEADROOM", "BatchPlan", "split_batch", "dpo_memory_estimate", "pretrain_plan", "tune_plan"]
+__all__ = ["HEADROOM", "BatchPlan", "split_batch", "dpo_memory_estimate", "pretrain_plan", "tune_plan", "batch_plan"]
 
 # Share of a GPU's memory a plan may use: the rest is allocator fragmentation and what the
 # estimate does not see (NCCL buffers, compile workspaces).
@@ -225,3 +225,40 @@ def _finish(kind: str, processes: int, sharding: str, shards: int, micro: int, a
                      grad_accumulation=accum, global_batch=global_batch, seq_len=seq_len, memory_gib_per_gpu=mem,
                      memory_parts_gib=_gib(est) if est is not None else {}, gpu_mem_gib=gpu_mem_gib, fits=fits,
                      notes=notes)
+
+
+def batch_plan(
+    recipe: Recipe,
+    gpus: int,
+    *,
+    gpu_mem_gib: float = 80.0,
+    micro_batch: int | None = None,
+    gpu: str = "H100",
+    mfu: float = 0.5,
+) -> dict[str, Any]:
+    """``recipe show --gpus``: the pre-training plan of :func:`pretrain_plan`
+    (the one pretrain --dry-run and the launch use) plus the time it takes.
+
+    Raises:
+        UsageError: the global batch does not split over ``gpus`` (see :func:`split_batch`).
+    """
+    pt, model = recipe.pretrain, recipe.model
+    plan = pretrain_plan(recipe, gpus, gpu_mem_gib=gpu_mem_gib, micro_batch=micro_batch)
+    est_no_ckpt = memory_estimate(model, plan.micro_batch, checkpointing=False, fsdp_shards=plan.shards)
+    tokens_total = plan.global_batch * model.context_length * pt.max_iterations
+    total_flops = flops_per_token(model) * tokens_total
+    peak = GPU_PEAK_BF16_FLOPS.get(gpu.upper(), GPU_PEAK_BF16_FLOPS["H100"])
+    return {
+        **plan.to_dict(),
+        "gpus": gpus,
+        "global_batch_sequences": plan.global_batch,
+        "recipe_global_batch_sequences": plan.global_batch,
+        "keeps_global_batch": True,
+        "activation_checkpointing": pt.activation_checkpointing,
+        "fsdp_shards": plan.shards,
+        "memory_gib": plan.memory_gib_per_gpu,
+        "memory_gib_without_checkpointing": est_no_ckpt["total"] / GIB,
+        "gpu": gpu.upper(),
+        "mfu": mfu,
+        "days": total_flops / (gpus * peak * mfu) / 86400,
+    }

@@ -7,11 +7,9 @@ Field names follow the paper/CoreNet where one exists; units are in the names.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, field_validator, model_validator
-
-from elmctl.config.derived import layer_shapes
 
 __all__ = [
     "FieldProblems",
@@ -21,7 +19,16 @@ __all__ = [
     "InstructConfig",
     "Provenance",
     "Recipe",
+    "PreferenceLoss",
+    "PREFERENCE_LOSSES",
+    "TUNE_LOSSES",
 ]
+
+#: the preference losses of DPO tuning (``instruct.loss``, ``elmctl tune --loss``): sigmoid = DPO,
+#: hinge = RSO/SLiC-style; ``elmctl tune --loss`` also takes sft (supervised fine-tuning on the chosen answers)
+PreferenceLoss = Literal["sigmoid", "hinge"]
+PREFERENCE_LOSSES: tuple[str, ...] = get_args(PreferenceLoss)
+TUNE_LOSSES: tuple[str, ...] = (*PREFERENCE_LOSSES, "sft")
 
 # Strict scalars: a YAML `true` is not the number 1, "16" is not an int and 4.0 is not a layer
 # count. Floats still accept ints (`rope_freq_constant: 10000`). The loader's YAML reader parses
@@ -141,19 +148,8 @@ class ModelConfig(_Frozen):
                     f"rope_max_length {self.rope_max_length} is shorter than context_length {self.context_length}",
                 )
             )
-        if not problems:
-            # make_divisible(d * alpha, d_h * num_gqa_groups) makes both hold by construction;
-            # kept as a guard because the model and the HF export divide by these numbers.
-            for layer in layer_shapes(self):
-                if layer.query_heads % self.num_gqa_groups or layer.kv_heads < 1:
-                    problems.append(
-                        (
-                            "num_gqa_groups",
-                            f"layer {layer.index}: {layer.query_heads} query heads do not form whole groups of "
-                            f"num_gqa_groups {self.num_gqa_groups} (kv heads {layer.kv_heads})",
-                        )
-                    )
-                    break
+        # Every layer's query heads form whole groups of num_gqa_groups by construction
+        # (make_divisible(d * alpha, d_h * num_gqa_groups)): test_every_layer_has_whole_kv_groups_by_construction.
         _raise(problems)
         return self
 
@@ -232,7 +228,7 @@ class InstructConfig(_Frozen):
     """Paper Table 10: DPO via alignment-handbook/TRL (CoreNet ``README-instruct.md``)."""
 
     method: Literal["dpo"] = "dpo"
-    loss: Literal["sigmoid", "hinge"] = Field(description="sigmoid = DPO; hinge = RSO/SLiC-style.")
+    loss: PreferenceLoss = Field(description="sigmoid = DPO; hinge = RSO/SLiC-style.")
     beta: Float = Field(default=0.01, gt=0, le=10, description="DPO temperature.")
     lr: Float = Field(gt=0, lt=1, description="The paper's chosen learning rate for this size.")
     epochs: Int = Field(ge=1, le=1000, description="The paper's chosen number of epochs for this size.")

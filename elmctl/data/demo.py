@@ -104,7 +104,7 @@ def make_demo(
         with the same arguments rewrites identical raw files and leaves the prepared folders alone.
     """
     from elmctl.data.preference import prepare_preference
-    from elmctl.data.shards import prepare_pretrain
+    from elmctl.data.prepare import prepare_pretrain
 
     out = Path(out_dir).expanduser()
     raw = out / "raw"

@@ -36,17 +36,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from elmctl.data import IGNORE_INDEX
 from elmctl.data import _manifest as mf
-from elmctl.data._prepare import PrepareResult, doc_fraction
 from elmctl.data._readers import iter_records
 from elmctl.data.chat import TEMPLATE_NAME, encode_chat, encode_completion, format_prompt
+from elmctl.data.prepare import PrepareResult, doc_fraction
 from elmctl.data.shards import ShardWriter
 from elmctl.data.tokenizers import check_vocab, load_tokenizer, token_dtype
 from elmctl.errors import UsageError
 
 __all__ = ["PreferencePair", "prepare_preference", "load_pairs", "collate_pairs", "collate_sft", "truncate_pair"]
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import numpy as np
 from elmctl.data._manifest import read_manifest, resolve_data_dir
 from elmctl.errors import UsageError
 
-__all__ = ["TokenDataset", "ShardWriter", "shard_name", "prepare_pretrain"]
+__all__ = ["TokenDataset", "ShardWriter", "shard_name"]
 
 
 def shard_name(split: str, index: int) -> str:
@@ -160,18 +160,3 @@ class TokenDataset:
             filled += take
             pos = (pos + take) % self.num_tokens
         return out
-
-
-def prepare_pretrain(*args, **kwargs):
-    """Tokenise inputs into shards; see :func:`elmctl.data._prepare.prepare_pretrain`."""
-    from elmctl.data._prepare import prepare_pretrain as _impl
-
-    return _impl(*args, **kwargs)
-
-
-def __getattr__(name: str):
-    if name == "PrepareResult":
-        from elmctl.data._prepare import PrepareResult
-
-        return PrepareResult
-    raise AttributeError(name)

@@ -10,7 +10,7 @@ c10d by default (sbatch: every node runs the same line, ranks come from the rend
 holding global rank 1; static honours it (node 0 hosts the store at the endpoint).
 
     python -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=8 \
-        -m elmctl.train.worker --run ab12cd34
+        -m elmctl.train.worker --run-dir experiments/runs/ab12cd34
 """
 
 from __future__ import annotations

@@ -23,8 +23,7 @@ from elmctl.store import DEMO_PREFIX, DEMO_STORE, latest_demo_store
 
 # `store_to_read` (which store a read-only command shows) lives in the store: re-exported lazily below
 
-__all__ = ["ReportSource", "open_source", "store_to_read", "latest_demo_store", "DEMO_PREFIX", "overview",
-           "study_report", "run_report"]
+__all__ = ["ReportSource", "open_source", "store_to_read", "latest_demo_store", "DEMO_PREFIX"]
 
 _EMPTY_HINT = "run something first (elmctl demo, elmctl pretrain, elmctl tune-sweep), or point at a store with --store URL / ELMCTL_STORE"
 
@@ -95,8 +94,6 @@ def open_source(url: str | None = None) -> ReportSource:
             raise UsageError(f"cannot read the Optuna studies in {shown}: {str(exc).splitlines()[0][:200]}") from None
     return src
 
-
-from elmctl.report.summary import overview, run_report, study_report  # noqa: E402  (summary imports the above)
 
 
 def __getattr__(name: str) -> Any:

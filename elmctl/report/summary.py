@@ -32,6 +32,7 @@ from typing import Any, Iterable
 
 from elmctl.errors import UsageError
 from elmctl.report import _EMPTY_HINT, ReportSource, open_source
+from elmctl.train.metric_keys import EVAL_KEYS
 
 __all__ = ["ReportSource", "open_source", "overview", "study_report", "run_report", "run_row", "gpu_count", "run_metrics_table",
            "sparkline", "series_summary", "clean", "CURVE_KEYS"]
@@ -39,7 +40,8 @@ __all__ = ["ReportSource", "open_source", "overview", "study_report", "run_repor
 #: metric keys summarised as curves, in display order (pretraining first, then tuning)
 CURVE_KEYS = ("loss", "val_loss", "train_loss", "eval_loss", "train_reward_accuracy", "reward_accuracy",
               "reward_margin", "grad_norm")
-EPOCH_KEYS = ("eval_loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward")
+#: the per-epoch columns of a tune run's report (its first eval metrics, without the preference accuracies)
+EPOCH_KEYS = EVAL_KEYS[:5]
 MAX_POINTS = 200  # points per curve kept in the JSON (evenly thinned, last point always kept)
 _SPARKS = "▁▂▃▄▅▆▇█"
 
@@ -279,7 +281,7 @@ def _reason(t, per_epoch: list[dict[str, Any]], run) -> str | None:
         detail = ua.get("fail_detail") or (run.error if run is not None else None)
         return f"{why}: {detail}" if detail else why
     if ua.get("resumed_from"):
-        from elmctl.sweep.resume import describe
+        from elmctl.train.tune_resume import describe
 
         return "resumed from " + describe(ua["resumed_from"])
     return None

@@ -55,15 +55,21 @@ __all__ = [
     "parse_url",
     "DEMO_PREFIX",
     "DEMO_STORE",
+    "resolve_url",
+    "normalize_url",
+    "is_memory_sqlite",
+    "server_engine_kwargs",
+    "lock_schema",
+    "has_runs_table",
     "check_name",
     "NAME_RULE",
     "NAME_MAX_CHARS",
 ]
 
-
 #: opening the database (SQLAlchemy loads on first use): the store's, Optuna's and the reports' engines
 _ENGINE_NAMES = frozenset({"display_url", "engine_kwargs", "store_to_read", "nothing_recorded",
-                           "resolve_url", "normalize_url", "parse_url"})
+                           "resolve_url", "normalize_url", "parse_url", "is_memory_sqlite",
+                           "server_engine_kwargs", "lock_schema", "has_runs_table"})
 
 
 def __getattr__(name: str) -> Any:

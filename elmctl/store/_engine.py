@@ -237,6 +237,28 @@ def prepare_sqlite_file(u: URL) -> None:
         raise UsageError(f"cannot create the folder for store {db_path}: {exc}", hint=_URL_HINT) from exc
 
 
+def has_runs_table(url: str) -> bool:
+    """Whether the database at ``url`` holds elmctl's runs table (checked without creating anything).
+
+    Raises:
+        UsageError: the driver is missing or the database cannot be read.
+    """
+    from sqlalchemy import create_engine, inspect
+
+    u = parse_url(url)
+    try:
+        probe = create_engine(u, **engine_kwargs(u))
+        try:
+            return "elmctl_runs" in set(inspect(probe).get_table_names())
+        finally:
+            probe.dispose()
+    except ImportError as exc:
+        raise _missing_driver(u, exc) from None
+    except SQLAlchemyError as exc:
+        raise UsageError(f"cannot read store {display_url(url)}: {str(exc).splitlines()[0][:200]}",
+                         "check the URL and that the database is reachable") from None
+
+
 def _missing_driver(u: URL, exc: ImportError) -> UsageError:
     hint = "install the driver into elmctl's environment"
     if u.get_backend_name() == "postgresql":

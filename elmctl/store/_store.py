@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import and_, delete, func, insert, inspect, select, update
 from sqlalchemy.engine import Connection
 
-from elmctl.errors import RuntimeFailure, UsageError
+from elmctl.errors import ElmctlError, RuntimeFailure, UsageError
 from elmctl.store import _tables as T
 from elmctl.store._engine import display_url, lock_schema, make_engine, make_readonly_engine, resolve_url, transaction
 from elmctl.store._records import (
@@ -318,6 +318,21 @@ class Store:
         if error is not None:
             fields["error"] = error
         return self.update_run(run_id, **fields)
+
+    def record_failure(self, run_id: str, exc: BaseException) -> None:
+        """Mark a still-active run failed (cancelled for Ctrl-C) with ``exc`` as the cause.
+
+        Best effort: when the store cannot be written either (the disk that just filled up holds it
+        too), the caller's exception is what the user must see, not the store's.
+        """
+        try:
+            if self.get_run(run_id).status in ("running", "queued"):
+                interrupted = isinstance(exc, KeyboardInterrupt)
+                cause = exc.message if isinstance(exc, ElmctlError) else f"{type(exc).__name__}: {exc}"
+                self.update_run(run_id, status="cancelled" if interrupted else "failed",
+                                error="interrupted" if interrupted else cause[:2000])
+        except ElmctlError:
+            pass
 
     def get_run(self, id_or_name: str) -> RunRecord:
         """The run with this id, unique id prefix, or name.

@@ -10,7 +10,8 @@
   metrics into intermediate values, prunes, and records results. Only the driver writes the study.
 - :mod:`elmctl.sweep.results`: the sweep's results as plain data (the ``--format json`` shape).
 - :mod:`elmctl.sweep.resume`: trial-level resume; a retried cell continues from its earlier attempt's
-  last compatible checkpoint (the driver lists candidates, ``elmctl tune --resume-from`` picks one).
+  last compatible checkpoint (the driver lists candidates here, ``elmctl tune --resume-from`` picks one
+  with :mod:`elmctl.train.tune_resume`).
 
 Nothing here imports torch at import time (resume's checkpoint checks load it on use); optuna and sqlalchemy are imported by the modules that need them.
 """

@@ -7,8 +7,9 @@ Loop (one process, one thread):
    :func:`elmctl.sweep.study.claim_cell`), record a ``tune`` run for it in the store, start
    ``python -m elmctl tune ... --run-id ID`` on the slot; a retried cell also gets
    ``--resume-from`` with its earlier attempts' runs that recorded a checkpoint, and the trial
-   continues from the first compatible one (:mod:`elmctl.sweep.resume`; the choice lands in the
-   trial's user attrs ``resumed_from`` or ``resume_skipped`` and in the live view);
+   continues from the first compatible one (:mod:`elmctl.sweep.resume` lists them,
+   :mod:`elmctl.train.tune_resume` picks; the choice lands in the trial's user attrs
+   ``resumed_from`` or ``resume_skipped`` and in the live view);
 3. every ``poll_s``: read each running trial's per-epoch metrics from the store (the trial writes
    ``epoch`` plus ``eval_loss``/``reward_accuracy``/``reward_margin`` at the same step) and report
    them as intermediate values (step = epoch, 1-based); ask the pruner; a pruned trial's process
@@ -45,10 +46,12 @@ from elmctl.sweep import study as S
 from elmctl.sweep.results import summarize
 from elmctl.sweep.scheduler import Slot, TrialProcess, stop_process_group
 from elmctl.sweep.spec import SweepSpec, trial_command
+from elmctl.train.metric_keys import METRIC_DIRECTIONS
 
 __all__ = ["TrialView", "SweepDriver"]
 
-EVAL_KEYS = ("eval_loss", "reward_accuracy", "reward_margin")
+#: the metrics the live view shows and a trial's value comes from
+EVAL_KEYS = tuple(METRIC_DIRECTIONS)
 
 
 @dataclass

@@ -12,11 +12,9 @@ from typing import Any
 
 from elmctl.sweep.cells import Cell, grid_cells
 from elmctl.sweep.scheduler import Slot
+from elmctl.train.metric_keys import METRIC_DIRECTIONS
 
-__all__ = ["METRIC_DIRECTIONS", "SweepSpec", "trial_command"]
-
-#: metric -> optimisation direction (the metric of the final epoch is the trial's value)
-METRIC_DIRECTIONS = {"eval_loss": "minimize", "reward_accuracy": "maximize", "reward_margin": "maximize"}
+__all__ = ["SweepSpec", "trial_command"]
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,17 @@ Shapes: B pairs, N = 2B rows, L sequence length, V vocabulary rows.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
+from elmctl.data import IGNORE_INDEX
+
+if TYPE_CHECKING:  # pragma: no cover
+    from elmctl.config.schema import PreferenceLoss
+
 __all__ = [
-    "IGNORE_INDEX",
-    "LOSS_TYPES",
     "sequence_logps",
     "split_pair_logps",
     "dpo_losses",
@@ -34,9 +37,6 @@ __all__ = [
     "sft_loss",
 ]
 
-IGNORE_INDEX = -100
-LOSS_TYPES = ("sigmoid", "hinge", "sft")
-PreferenceLoss = Literal["sigmoid", "hinge"]
 
 
 def sequence_logps(logits_NLV: torch.Tensor, labels_NL: torch.Tensor) -> torch.Tensor:
@@ -96,17 +96,14 @@ def dpo_losses(
     return losses_B, chosen_rewards_B, rejected_rewards_B
 
 
-def preference_metrics(
-    losses_B: torch.Tensor, chosen_rewards_B: torch.Tensor, rejected_rewards_B: torch.Tensor
-) -> dict[str, float]:
-    """Batch means of what TRL logs: loss, reward accuracy, reward margin, both rewards."""
-    margins_B = chosen_rewards_B - rejected_rewards_B
+def preference_metrics(chosen_rewards_B: torch.Tensor, rejected_rewards_B: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Batch means of what TRL logs besides the loss: reward accuracy (ties are not wins), reward margin,
+    both rewards; detached scalar tensors (the loop averages them without a host sync)."""
     return {
-        "loss": float(losses_B.detach().mean()),
-        "reward_accuracy": float((chosen_rewards_B > rejected_rewards_B).float().mean()),
-        "reward_margin": float(margins_B.mean()),
-        "chosen_reward": float(chosen_rewards_B.mean()),
-        "rejected_reward": float(rejected_rewards_B.mean()),
+        "reward_accuracy": (chosen_rewards_B > rejected_rewards_B).float().mean(),
+        "reward_margin": (chosen_rewards_B - rejected_rewards_B).mean(),
+        "chosen_reward": chosen_rewards_B.mean(),
+        "rejected_reward": rejected_rewards_B.mean(),
     }
 
 

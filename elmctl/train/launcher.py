@@ -205,7 +205,7 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
                 run_dir = Path(run.run_dir)
                 (run_dir / "options.json").write_text(json.dumps(opts, indent=2))
             except BaseException as exc:  # never leave the claim behind as a queued run
-                record_failure(store, run.id, exc)
+                store.record_failure(run.id, exc)
                 raise
         else:
             # Other nodes of a job started by hand keep their own record; "<name>.node<r>" keeps the
@@ -248,7 +248,7 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
                 try:
                     result = _run_in_process(run_dir, store.url, on_log, on_event)
                 except BaseException as exc:  # run_pretrain records most failures; never leave it queued
-                    record_failure(store, run.id, exc)
+                    store.record_failure(run.id, exc)
                     raise
                 warnings = result.warnings
             else:
@@ -264,24 +264,6 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
         return _result(store, run, run_dir, warnings)
     finally:
         store.close()
-
-
-def record_failure(store, run_id: str, exc: BaseException) -> None:
-    """Mark a still-active run failed (cancelled for Ctrl-C) with ``exc`` as the cause.
-
-    Best effort: when the store cannot be written either (the disk that just filled up holds it
-    too), the caller's exception is what the user must see, not the store's.
-    """
-    from elmctl.errors import ElmctlError
-
-    try:
-        if store.get_run(run_id).status in ("running", "queued"):
-            interrupted = isinstance(exc, KeyboardInterrupt)
-            cause = exc.message if isinstance(exc, ElmctlError) else f"{type(exc).__name__}: {exc}"
-            store.update_run(run_id, status="cancelled" if interrupted else "failed",
-                             error="interrupted" if interrupted else cause[:2000])
-    except ElmctlError:
-        pass
 
 
 def _result(store, run, run_dir: Path, warnings: list[str]) -> dict:

@@ -3,8 +3,8 @@
 API::
 
     objective(model, batch) -> (loss, metrics)
-        model:   a ModelHandle: model.hidden_states(ids) [B,T,D], model(ids) -> logits [B,T,V],
-                 model.output_weight [V,D], model.config, model.raw (the nn.Module)
+        model:   an elmctl.train.dist.ModelHandle: model.hidden_states(ids) [B,T,D],
+                 model(ids) -> logits [B,T,V], model.output_weight [V,D], model.config, model.raw (the nn.Module)
         batch:   dict of tensors already on the device (one micro-batch of this rank)
         loss:    scalar tensor to backpropagate (mean over this micro-batch)
         metrics: dict[str, scalar Tensor] (detached), averaged over micro-steps, ranks and logged

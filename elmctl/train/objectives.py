@@ -23,9 +23,10 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["IGNORE_INDEX", "chunked_lm_loss", "naive_lm_loss", "lm_objective", "shift_labels"]
+from elmctl.data import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["chunked_lm_loss", "naive_lm_loss", "lm_objective", "shift_labels"]
+
 DEFAULT_CHUNK_TOKENS = 4096
 
 Objective = Callable[[Any, dict], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -193,7 +194,7 @@ def lm_objective(*, z_loss_coef: float = 1e-4, chunk_tokens: int = DEFAULT_CHUNK
     """Next-token objective for pre-training (and SFT): batch = {input_ids, labels} [B, T].
 
     Returns ``objective(model, batch) -> (loss, {"ce": ..., "z_loss": ...})`` where ``model`` offers
-    ``hidden_states(ids)`` and ``output_weight`` (see :class:`elmctl.train.loop.ModelHandle`).
+    ``hidden_states(ids)`` and ``output_weight`` (see :class:`elmctl.train.dist.ModelHandle`).
     """
 
     def objective(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -297,9 +297,7 @@ def run_pretrain(
         return PretrainResult(result.status, result.step, result.metrics, warnings, error)
     except BaseException as exc:
         if store is not None and not isinstance(exc, KeyboardInterrupt):
-            from elmctl.train.launcher import record_failure
-
-            record_failure(store, run_id, exc)  # best effort: a full disk may hold the store too
+            store.record_failure(run_id, exc)  # best effort: a full disk may hold the store too
         try:
             event(f"failed: {type(exc).__name__}: {exc}")
         except OSError:

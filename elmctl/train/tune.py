@@ -20,7 +20,7 @@ the torchrun worker ``python -m elmctl.train.tune <run_dir>`` for several.
 - Schedule: linear warm-up over ceil(warmup_ratio x total steps), then cosine to 0 (HF); AdamW
   with the recipe's weight decay (0 in Table 10) and default betas.
 - Resume: ``opt["resume"]`` (picked and verified by ``elmctl tune --resume-from``, see
-  :mod:`elmctl.sweep.resume`) is an earlier attempt's checkpoint with the same identity and batch
+  :mod:`elmctl.train.tune_resume`) is an earlier attempt's checkpoint with the same identity and batch
   plan. Weights, AdamW state, data position and RNG are restored, the source run's metrics up to that
   step are copied into this run (its curves and per-epoch rows are whole), and training continues at
   the next step: the steps, batches and learning rates of an uninterrupted run.
@@ -56,18 +56,14 @@ import torch
 
 from elmctl.errors import RuntimeFailure
 from elmctl.train import dist as D
-from elmctl.train.dpo import dpo_losses, sequence_logps, sft_loss, split_pair_logps
+from elmctl.train.dpo import dpo_losses, preference_metrics, sequence_logps, sft_loss, split_pair_logps
 from elmctl.train.loop import to_device
+from elmctl.train.metric_keys import EVAL_KEYS
 from elmctl.train.tune_batches import PairBatches, collate
 from elmctl.train.tune_inputs import load_base_weights
 from elmctl.train.tune_resume import load_resume_point
 
 __all__ = ["make_objective", "run_tune", "TuneResult"]
-
-# preference_accuracy: the tuned model alone ranks chosen above rejected (log p); base_...: the
-# frozen base does (the same number every epoch: where the tuning started).
-EVAL_KEYS = ("eval_loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward",
-             "preference_accuracy", "base_preference_accuracy")
 
 
 def _ref_logps(ref_model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,8 +94,7 @@ def make_objective(loss: str, beta: float, ref_model: torch.nn.Module | None) ->
         if loss == "sft":  # eval of an SFT run: its own loss on the chosen rows
             half = batch["labels"].shape[0] // 2
             out = sft_loss(logits[:half], batch["labels"][:half])
-        metrics = {"reward_accuracy": (cr > rj).float().mean(), "reward_margin": (cr - rj).mean(),
-                   "chosen_reward": cr.mean(), "rejected_reward": rj.mean(),
+        metrics = {**preference_metrics(cr, rj),
                    "preference_accuracy": (pc > pr).float().mean(), "base_preference_accuracy": (rc > rr).float().mean()}
         return out, {k: v.detach() for k, v in metrics.items()}
 
@@ -236,7 +231,7 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
             ostate = D.optimizer_state(runner, optimizer)
             rngs = D.gather_objects(D.rng_state())
             if info.is_main:
-                # `resume` + the batch plan are what elmctl.sweep.resume.compare checks before a resume
+                # `resume` + the batch plan are what elmctl.train.tune_resume.compare checks before a resume
                 meta = {"world_size": info.world_size, "global_batch": batches.global_batch, "micro_batch": micro,
                         "grad_accumulation": accum, "recipe_id": recipe.id, "run_id": run_id, "kind": "tune",
                         "epoch": step // spe, "steps_per_epoch": spe, "resume": opt.get("identity")}
@@ -265,9 +260,7 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
         return TuneResult(result.status, result.step, dict(last_eval), error)
     except BaseException as exc:
         if store is not None:
-            from elmctl.train.launcher import record_failure
-
-            record_failure(store, run_id, exc)  # best effort: a full disk may hold the store too
+            store.record_failure(run_id, exc)  # best effort: a full disk may hold the store too
         try:
             event(f"failed: {type(exc).__name__}: {exc}")
         except OSError:

@@ -154,19 +154,18 @@ def resolve_source(spec: str, store_url: str | None = None, *, store=None, prefi
     if store is not None:
         run = store.get_run(spec)  # UsageError with "did you mean" when unknown
     else:
-        from elmctl.report import open_source
+        from elmctl.store import Store, display_url, has_runs_table, nothing_recorded, store_to_read
 
-        try:
-            src = open_source(store_url)
-        except UsageError as exc:
-            raise r.error(f"{spec!r} is not a folder, and there is no run store to look it up in ({exc.message})",
-                          "give a run folder / HF folder, or the store with --store URL") from None
-        try:
-            if src.store is None:
-                raise r.error(f"{spec!r} is not a folder, and store {src.display_url} holds no runs")
-            run = src.store.get_run(spec)
-        finally:
-            src.close()
+        full, _ = store_to_read(store_url)  # the default store, else the newest demo's (read-only commands)
+        where = nothing_recorded(full)
+        if where is not None:
+            raise r.error(f"{spec!r} is not a folder, and there is no run store to look it up in "
+                          f"(no store at {where}: nothing has been recorded there yet)",
+                          "give a run folder / HF folder, or the store with --store URL")
+        if not has_runs_table(full):
+            raise r.error(f"{spec!r} is not a folder, and store {display_url(full)} holds no runs")
+        with Store(full) as st:  # its tables exist, so opening it writes nothing
+            run = st.get_run(spec)
     return r.from_run_dir(Path(run.run_dir), f"run {run.label}", run.kind, run.id)
 
 

@@ -98,7 +98,7 @@ def test_force_writes_beside_user_files_and_rebuilds_keep_them(cli, inputs, tmp_
 
 
 def test_rebuild_removes_exactly_the_old_manifests_files(inputs, tmp_path):
-    from elmctl.data.shards import prepare_pretrain
+    from elmctl.data.prepare import prepare_pretrain
 
     out = tmp_path / "out"
     loose = dict(min_chars=0, min_tokens=0, val_fraction=0.1, workers=1)
@@ -152,7 +152,7 @@ def test_a_manifest_json_that_is_not_ours_is_never_overwritten(cli, inputs, tmp_
 
 
 def test_a_tampered_manifest_cannot_delete_outside_or_foreign_files(inputs, tmp_path):
-    from elmctl.data.shards import prepare_pretrain
+    from elmctl.data.prepare import prepare_pretrain
 
     out = tmp_path / "data" / "out"
     loose = dict(min_chars=0, min_tokens=0, val_fraction=0.1, workers=1)
@@ -200,7 +200,8 @@ def killed_midway(prepare, *args, after_tokens: int, **kwargs) -> None:
 
 def test_crashed_build_is_resumed_without_force_and_spares_user_files(inputs, tmp_path):
     """A hard crash leaves partial shards and no manifest; the next run cleans up only those."""
-    from elmctl.data.shards import TokenDataset, prepare_pretrain
+    from elmctl.data.prepare import prepare_pretrain
+    from elmctl.data.shards import TokenDataset
 
     out = tmp_path / "out"
     before = user_folder(out, USER_FILES)

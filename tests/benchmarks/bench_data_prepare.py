@@ -71,7 +71,7 @@ def train_bpe(corpus: Path, out: Path, vocab_size: int = 8192, sample_bytes: int
 
 
 def run(corpus: Path, tokenizer: str, workers: int, out: Path) -> dict:
-    from elmctl.data.shards import prepare_pretrain
+    from elmctl.data.prepare import prepare_pretrain
 
     t0 = time.perf_counter()
     r = prepare_pretrain([corpus], out, tokenizer, min_chars=0, min_tokens=0, workers=workers, force=True)

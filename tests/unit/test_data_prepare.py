@@ -12,8 +12,8 @@ import pytest
 
 from elmctl.cli.main import main
 from elmctl.data import resolve_data_dir
-from elmctl.data._prepare import doc_fraction
-from elmctl.data.shards import TokenDataset, prepare_pretrain
+from elmctl.data.prepare import doc_fraction, prepare_pretrain
+from elmctl.data.shards import TokenDataset
 from elmctl.errors import UsageError
 
 DOCS = [f"document {i}: " + "the quick brown fox jumps. " * (1 + i % 5) for i in range(60)]

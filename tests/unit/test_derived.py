@@ -11,7 +11,6 @@ from elmctl.config import load_recipe
 from elmctl.config.derived import (
     GIB,
     _round2,
-    batch_plan,
     derive,
     flops_per_token,
     layer_shapes,
@@ -20,6 +19,7 @@ from elmctl.config.derived import (
     memory_estimate,
     param_count,
 )
+from elmctl.config.plan import batch_plan
 
 # facts §4: (HF vocab 32000, CoreNet 32128, attention, FFN, embedding) and norms (§4 text)
 PARAMS = {
@@ -181,7 +181,8 @@ def test_batch_plan_uneven_gpus_is_an_error():
 
 
 def test_derive_json_keys():
-    d = derive(load_recipe("450m"), gpus=8)
+    r = load_recipe("450m")
+    d = derive(r, plan=batch_plan(r, 8))
     assert d["params_total"] == 457_179_136
     assert d["global_batch_sequences"] == 2048 and d["tokens_per_step"] == 4_194_304
     assert d["pretrain_tokens"] == 4_194_304 * 350_000  # ~1.47T

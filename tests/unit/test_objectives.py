@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from elmctl.train.objectives import IGNORE_INDEX, chunked_lm_loss, naive_lm_loss, shift_labels
+from elmctl.data import IGNORE_INDEX
+from elmctl.train.objectives import chunked_lm_loss, naive_lm_loss, shift_labels
 
 
 def test_hand_computed_ce_and_z_loss():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from elmctl.config import load_recipe
-from elmctl.config.derived import GIB, batch_plan
-from elmctl.config.plan import HEADROOM, dpo_memory_estimate, pretrain_plan, split_batch, tune_plan
+from elmctl.config.derived import GIB
+from elmctl.config.plan import HEADROOM, batch_plan, dpo_memory_estimate, pretrain_plan, split_batch, tune_plan
 from elmctl.errors import UsageError
 from elmctl.train.plan import make_plan
 

@@ -103,6 +103,24 @@ def test_cancelled_is_not_overwritten_by_failed(store):
     assert (after.status, after.error) == ("cancelled", "by user")
 
 
+def test_record_failure_marks_active_runs_only(store):
+    from elmctl.errors import RuntimeFailure
+
+    run = store.create_run("pretrain", "tiny", {})
+    store.set_status(run.id, "running")
+    store.record_failure(run.id, RuntimeFailure("disk full"))
+    assert (store.get_run(run.id).status, store.get_run(run.id).error) == ("failed", "disk full")
+    other = store.create_run("pretrain", "tiny", {})
+    store.set_status(other.id, "running")
+    store.record_failure(other.id, KeyboardInterrupt())
+    assert (store.get_run(other.id).status, store.get_run(other.id).error) == ("cancelled", "interrupted")
+    done = store.create_run("pretrain", "tiny", {})
+    store.set_status(done.id, "completed")
+    store.record_failure(done.id, ValueError("late"))
+    assert store.get_run(done.id).status == "completed"
+    store.record_failure("nosuchrun", ValueError("x"))  # best effort: never raises
+
+
 def test_update_run_rejects_unknown_fields_and_statuses(store):
     run = store.create_run("pretrain", "tiny", RECIPE)
     with pytest.raises(TypeError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from elmctl.sweep import resume as R
+from elmctl.train import tune_resume as T
 from elmctl.sweep.cells import Cell, cell_of
 from elmctl.sweep.scheduler import Slot
 from elmctl.sweep.spec import SweepSpec, trial_command
@@ -33,9 +34,9 @@ def test_candidates_are_earlier_failed_attempts_of_the_cell_with_checkpoints_fur
 
 def test_describe_and_trial_command():
     point = {"run_id": "ab", "trial": 0, "attempt": 1, "step": 4, "epoch": 1, "steps_per_epoch": 4}
-    assert R.describe(point) == "attempt 1 (trial 0), epoch 1 (step 4)"
-    assert R.describe({**point, "step": 5}) == "attempt 1 (trial 0), epoch 1 + 1 step (step 5)"
-    assert R.describe({"run_id": "ab", "step": 7, "epoch": 1, "steps_per_epoch": 4}) == "run ab, epoch 1 + 3 steps (step 7)"
+    assert T.describe(point) == "attempt 1 (trial 0), epoch 1 (step 4)"
+    assert T.describe({**point, "step": 5}) == "attempt 1 (trial 0), epoch 1 + 1 step (step 5)"
+    assert T.describe({"run_id": "ab", "step": 7, "epoch": 1, "steps_per_epoch": 4}) == "run ab, epoch 1 + 3 steps (step 7)"
     spec = SweepSpec(recipe="tiny", base="/b", data="/d", lrs=(1e-3,), epochs=(2,), loss="sigmoid", study="s",
                      storage_url="sqlite://", store_url="sqlite://")
     cmd = trial_command(spec, Cell(1e-3, 2), Slot(0, (0, 1)), "run1", 3, master_port=29555, resume_from=["r1", "r0"])
@@ -49,8 +50,8 @@ def test_compare_lists_every_difference():
     meta = {"kind": "tune", "resume": dict(identity), "world_size": 1, "global_batch": 8, "micro_batch": 8,
             "grad_accumulation": 1}
     topo = {"world_size": 1, "global_batch": 8, "micro_batch": 8, "grad_accumulation": 1}
-    assert R.compare(meta, identity, topo) == []
-    diffs = R.compare(meta, {**identity, "seed": 7, "data_manifest": "bb"}, {**topo, "micro_batch": 4, "grad_accumulation": 2})
+    assert T.compare(meta, identity, topo) == []
+    diffs = T.compare(meta, {**identity, "seed": 7, "data_manifest": "bb"}, {**topo, "micro_batch": 4, "grad_accumulation": 2})
     assert diffs == ["seed: checkpoint 42, this trial 7", "data (manifest checksum): checkpoint 'aa', this trial 'bb'",
                      "micro-batch: checkpoint 8, this trial 4", "gradient accumulation: checkpoint 1, this trial 2"]
-    assert "older elmctl" in R.compare({**meta, "resume": None}, identity, topo)[0]
+    assert "older elmctl" in T.compare({**meta, "resume": None}, identity, topo)[0]

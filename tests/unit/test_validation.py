@@ -126,26 +126,6 @@ def test_rule_fails_with_field_and_line(recipe_file, edit, field, fragment):
         assert f"{path}:{expected}: {field}:" in str(p)
 
 
-def test_query_heads_per_layer_rule(monkeypatch, recipe_file):
-    # make_divisible(d * alpha, d_h * groups) guarantees whole groups, so no recipe can break this
-    # rule; the guard still has to produce a proper message if the rounding code ever changes.
-    import elmctl.config.schema as schema
-    from elmctl.config.derived import LayerShape
-
-    real = schema.layer_shapes
-
-    def broken(model):
-        shapes = list(real(model))
-        shapes[2] = LayerShape(2, 0.67, 1.67, 3, 0, 256)
-        return tuple(shapes)
-
-    monkeypatch.setattr(schema, "layer_shapes", broken)
-    path = recipe_file()
-    (p,) = problems_of(path)
-    assert p.field == "model.num_gqa_groups" and "layer 2: 3 query heads" in p.message
-    assert p.line == line_of(path, "model.num_gqa_groups")
-
-
 def test_every_layer_has_whole_kv_groups_by_construction():
     from elmctl.config.derived import layer_shapes
 
