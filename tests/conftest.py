@@ -64,3 +64,25 @@ def home(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv("ELMCTL_LOCK_DIR", str(tmp_path / "locks"))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     return h
+
+
+def make_tune_assets(root: Path) -> Path:
+    """``root/base``: a 2-layer tiny base (HF folder, torch seed 0); ``root/prefs``: 32 prepared
+    preference pairs with a test split (``root/prefs.jsonl`` their source). Returns ``root``."""
+    import torch
+
+    import elmctl
+    from elmctl.data.demo import _write_jsonl, make_pairs
+    from elmctl.data.preference import prepare_preference
+
+    torch.manual_seed(0)
+    elmctl.save_pretrained(elmctl.build_model("tiny", num_layers=2), root / "base")
+    _write_jsonl(root / "prefs.jsonl", make_pairs(32, 8))
+    prepare_preference([root / "prefs.jsonl"], root / "prefs", "byte", recipe="tiny")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tune_assets_factory():
+    """:func:`make_tune_assets`, for module-scoped fixtures that build tune inputs in their own folder."""
+    return make_tune_assets

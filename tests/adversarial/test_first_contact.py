@@ -32,16 +32,6 @@ SMALL = ["--set", "model.num_layers=2", "--set", "model.context_length=32", "--s
          "--set", "pretrain.warmup_iterations=1"]
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch) -> Path:
-    h = tmp_path / "experiments"
-    monkeypatch.setenv("ELMCTL_HOME", str(h))
-    monkeypatch.delenv("ELMCTL_STORE", raising=False)
-    monkeypatch.setenv("ELMCTL_LOCK_DIR", str(tmp_path / "locks"))
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    return h
-
-
 def _demo_store(name: str) -> Path:
     """A store where `elmctl demo` (default --out) puts it, holding one pretrain run called ``name``."""
     from elmctl.demo import demo_config

@@ -231,18 +231,8 @@ def test_two_resumes_at_the_same_instant_train_once(home, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tune_assets(tmp_path_factory):
-    import torch
-
-    import elmctl
-    from elmctl.data.demo import _write_jsonl, make_pairs
-    from elmctl.data.preference import prepare_preference
-
-    root = tmp_path_factory.mktemp("tune")
-    torch.manual_seed(0)
-    elmctl.save_pretrained(elmctl.build_model("tiny", num_layers=2), root / "base")
-    _write_jsonl(root / "prefs.jsonl", make_pairs(32, 8))
-    prepare_preference([root / "prefs.jsonl"], root / "prefs", "byte", recipe="tiny")
+def tune_assets(tmp_path_factory, tune_assets_factory):
+    root = tune_assets_factory(tmp_path_factory.mktemp("tune"))
     return root
 
 

@@ -115,19 +115,9 @@ def pg(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> Path:
+def assets(tmp_path_factory, tune_assets_factory) -> Path:
     """A 2-layer tiny base (HF folder) and 32 preference pairs (with a test split)."""
-    import torch
-
-    import elmctl
-    from elmctl.data.demo import _write_jsonl, make_pairs
-    from elmctl.data.preference import prepare_preference
-
-    root = tmp_path_factory.mktemp("pg")
-    torch.manual_seed(0)
-    elmctl.save_pretrained(elmctl.build_model("tiny", num_layers=2), root / "base")
-    _write_jsonl(root / "prefs.jsonl", make_pairs(32, 8))
-    prepare_preference([root / "prefs.jsonl"], root / "prefs", "byte", recipe="tiny")
+    root = tune_assets_factory(tmp_path_factory.mktemp("pg"))
     return root
 
 

@@ -20,16 +20,8 @@ SHARDED = ["--set", "instruct.sharding=fsdp"]
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    import elmctl
-    from elmctl.data.demo import _write_jsonl, make_pairs
-    from elmctl.data.preference import prepare_preference
-
-    root = tmp_path_factory.mktemp("tune_sharded")
-    torch.manual_seed(0)
-    elmctl.save_pretrained(elmctl.build_model("tiny", num_layers=2), root / "base")
-    _write_jsonl(root / "prefs.jsonl", make_pairs(32, 8))
-    prepare_preference([root / "prefs.jsonl"], root / "prefs", "byte", recipe="tiny")
+def home(tmp_path_factory, tune_assets_factory):
+    root = tune_assets_factory(tmp_path_factory.mktemp("tune_sharded"))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ELMCTL_HOME", str(root / "home"))
         mp.delenv("ELMCTL_STORE", raising=False)

@@ -28,18 +28,8 @@ SETS = ["--set", "model.num_layers=2"]
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    import torch
-
-    import elmctl
-    from elmctl.data.demo import _write_jsonl, make_pairs
-    from elmctl.data.preference import prepare_preference
-
-    root = tmp_path_factory.mktemp("slurm-sweep")
-    torch.manual_seed(0)
-    elmctl.save_pretrained(elmctl.build_model("tiny", num_layers=2), root / "base")
-    _write_jsonl(root / "prefs.jsonl", make_pairs(32, 8))
-    prepare_preference([root / "prefs.jsonl"], root / "prefs", "byte", recipe="tiny")
+def assets(tmp_path_factory, tune_assets_factory):
+    root = tune_assets_factory(tmp_path_factory.mktemp("slurm-sweep"))
     return root
 
 
