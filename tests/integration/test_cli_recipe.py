@@ -191,8 +191,11 @@ def test_shell_completion():
     env.update(COMP_WORDS="elmctl recipe show 4", COMP_CWORD="3")
     out = subprocess.run([_elmctl()], env=env, capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["450m"]
-    script = subprocess.run([_elmctl(), "--show-completion", "bash"], capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "SHELL": "/bin/bash"})
+    # Typer finds the shell among the parent processes (shellingham), as it does for a user typing this
+    # in bash: run it from a bash (a compound command, so bash forks rather than execs). Without that,
+    # a test run whose parent shell has exited (nohup, CI agents) gets "Shell  not supported".
+    script = subprocess.run(["bash", "-c", f"'{_elmctl()}' --show-completion; true"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "SHELL": "/bin/bash"})
     assert script.returncode == 0 and "_ELMCTL_COMPLETE" in script.stdout and "complete" in script.stdout
 
 
