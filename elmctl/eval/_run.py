@@ -165,6 +165,10 @@ def evaluate_model(model, tokenizer, tasks: str | list[str], *, num_fewshot: int
     shots_of: dict[str, int] = {}
     was_training = model.training
     model.eval()
+    import lm_eval.evaluator as harness
+
+    git_hash = harness.get_git_commit_hash
+    harness.get_git_commit_hash = lambda: None  # it runs `git describe` in the cwd: stderr noise, no value here
     try:
         for shots, group in by_shots.items():
             built = [o for r in group for o in prepared.built[r]]
@@ -173,6 +177,7 @@ def evaluate_model(model, tokenizer, tasks: str | list[str], *, num_fewshot: int
             for key, metrics, errs, samples, used in _collect(raw, built, shots):
                 results[key], stderr[key], n[key], shots_of[key] = metrics, errs, samples, used
     finally:
+        harness.get_git_commit_hash = git_hash
         model.train(was_training)
     return EvalResult(model=label, results=results, suites=suite_averages(results, suites), n=n, shots=shots_of,
                       stderr=stderr, lm_eval_version=version, limit=limit, seconds=time.perf_counter() - t0)
