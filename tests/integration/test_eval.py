@@ -189,6 +189,12 @@ def test_loglikelihoods_are_hand_computed_sums(lm):
     finally:
         lm.batch_size = 4
     assert [g[0] for g in again] == pytest.approx([g[0] for g in got], rel=1e-6, abs=1e-5)  # fp32 summation order
+    from elmctl.eval.lm import ElmctlLM
+
+    two = ElmctlLM(model, tok, batch_size=1, devices=["cpu", "cpu"])  # data parallel: one replica per device
+    assert len(two.replicas) == 2 and two.replicas[1] is not model
+    spread = two.loglikelihood([_req("loglikelihood", p, i) for i, p in enumerate(pairs)])
+    assert [g[0] for g in spread] == pytest.approx([g[0] for g in again], abs=1e-6)
 
 
 def test_greedy_flag_is_true_for_the_models_own_continuation(lm):
