@@ -25,8 +25,10 @@ def _quiet() -> None:
     if os.environ.get("ELMCTL_DEBUG") == "1":
         return
     os.environ.setdefault("TQDM_DISABLE", "1")
-    for name in ("lm-eval", "lm_eval", "datasets", "huggingface_hub", "fsspec"):
+    for name in ("lm-eval", "lm_eval", "huggingface_hub", "fsspec"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # its errors reach the user as ours, once
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
 
 
 def eval_cmd(

@@ -88,8 +88,13 @@ def _manager(include: list[Path], folders: set[str], defaults: bool):
 
 
 def _classify(name: str, exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
-    first = text.splitlines()[0][:300]
+    text = f"{type(exc).__name__}: {exc}".strip().rstrip(":")
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and str(cause).strip():  # datasets wraps the parser's error: that one says what is wrong
+        text += f" <- {type(cause).__name__}: {str(cause).strip()}"
+    if isinstance(exc, StopIteration):
+        text += " (no rows: an empty data file or split?)"
+    first = text.splitlines()[0][:400]
     if any(k in text.lower() for k in _OFFLINE_ERRORS) or isinstance(exc, (ConnectionError, FileNotFoundError)):
         return f"task {name}: its dataset is not available locally ({first})"
     return f"task {name}: cannot be built ({first})"
@@ -158,5 +163,5 @@ def prepare_tasks(requests: list[TaskRequest], include_path: list[str | os.PathL
     if problems:
         missing = any("not available locally" in p for p in problems)
         raise UsageError("; ".join(problems), DATA_HINT if missing else
-                         "fix the task YAML (lm-eval's task format) or pick another task")
+                         "fix the task YAML (lm-eval's task format) or its data files, or pick another task")
     return prepared
