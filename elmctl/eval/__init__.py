@@ -7,7 +7,8 @@
 - :mod:`elmctl.eval.suites` - the paper's three suites, result keys, suite averages, :func:`metric_value`
 - :mod:`elmctl.eval.tasks` - building harness tasks offline (before any model is loaded)
 - :mod:`elmctl.eval.lm` - :class:`ElmctlLM`, our model behind the harness's LM interface
-- :func:`evaluate` / :func:`evaluate_run` / :func:`evaluate_model` - one evaluation
+- :func:`evaluate` / :func:`evaluate_run` / :func:`evaluate_model` - one evaluation;
+  :func:`record_evaluation` - store an :func:`evaluate_model` result
 
 Importing this package is cheap: lm_eval and torch load inside the functions.
 """
@@ -19,9 +20,10 @@ from typing import Any
 from elmctl.eval.suites import SUITES, expand_tasks, metric_value, split_metric, suite_averages
 
 __all__ = ["SUITES", "expand_tasks", "metric_value", "split_metric", "suite_averages", "EvalResult", "evaluate",
-           "evaluate_run", "evaluate_model", "require_lm_eval", "resolve_devices"]
+           "evaluate_run", "evaluate_model", "record_evaluation", "prepare_tasks", "require_lm_eval", "resolve_devices"]
 
-_LAZY = {"EvalResult", "evaluate", "evaluate_run", "evaluate_model", "require_lm_eval", "resolve_devices"}
+_LAZY = {"EvalResult", "evaluate", "evaluate_run", "evaluate_model", "record_evaluation", "require_lm_eval",
+         "resolve_devices"}
 
 
 def __getattr__(name: str) -> Any:
@@ -29,4 +31,8 @@ def __getattr__(name: str) -> Any:
         from elmctl.eval import _run
 
         return getattr(_run, name)
+    if name == "prepare_tasks":
+        from elmctl.eval.tasks import prepare_tasks
+
+        return prepare_tasks
     raise AttributeError(f"module 'elmctl.eval' has no attribute {name!r}")

@@ -6,6 +6,7 @@ model is loaded, so a typo or a missing dataset costs seconds, not a model load.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import secrets
@@ -17,7 +18,7 @@ from elmctl.errors import UsageError
 from elmctl.eval.suites import TaskRequest, expand_tasks, result_key, suite_averages
 
 __all__ = ["EvalResult", "require_lm_eval", "resolve_devices", "evaluate", "evaluate_run", "evaluate_model",
-           "MAX_BATCH_SIZE"]
+           "record_evaluation", "MAX_BATCH_SIZE"]
 
 MAX_BATCH_SIZE = 4096
 BOOTSTRAP_ITERS = 1000  # stderr of non-mean metrics (mean metrics have a closed form)
@@ -167,8 +168,10 @@ def evaluate_model(model, tokenizer, tasks: str | list[str], *, num_fewshot: int
     model.eval()
     import lm_eval.evaluator as harness
 
-    git_hash = harness.get_git_commit_hash
-    harness.get_git_commit_hash = lambda: None  # it runs `git describe` in the cwd: stderr noise, no value here
+    # Two environment reports simple_evaluate makes for its own output files, which we do not write:
+    # `git describe` in the cwd (stderr noise) and torch's collect_env (pip, nvidia-smi...: ~5 s a call)
+    saved = harness.get_git_commit_hash, harness.add_env_info
+    harness.get_git_commit_hash, harness.add_env_info = (lambda: None), (lambda results: None)
     try:
         for shots, group in by_shots.items():
             built = [o for r in group for o in prepared.built[r]]
@@ -177,7 +180,7 @@ def evaluate_model(model, tokenizer, tasks: str | list[str], *, num_fewshot: int
             for key, metrics, errs, samples, used in _collect(raw, built, shots):
                 results[key], stderr[key], n[key], shots_of[key] = metrics, errs, samples, used
     finally:
-        harness.get_git_commit_hash = git_hash
+        harness.get_git_commit_hash, harness.add_env_info = saved
         model.train(was_training)
     return EvalResult(model=label, results=results, suites=suite_averages(results, suites), n=n, shots=shots_of,
                       stderr=stderr, lm_eval_version=version, limit=limit, seconds=time.perf_counter() - t0)
@@ -233,18 +236,26 @@ def evaluate(spec: str, tasks: str | list[str], *, num_fewshot: int | None = Non
                 run_id = store.get_run(run_id).id
             except UsageError:  # an export of a run from another store
                 run_id = None
-        import dataclasses
-
         result = dataclasses.replace(result, run_id=run_id, step=src.step)
         if record and store is not None:
-            eval_id = store.add_evaluation(
-                run_id=run_id, model=src.label, step=src.step, name=name, limit=limit,
-                harness_version=result.lm_eval_version, items=_items(result))
-            result = dataclasses.replace(result, eval_id=eval_id)
+            result = record_evaluation(store, result, name=name)
         return result
     finally:
         if own_store is not None:
             own_store.close()
+
+
+def record_evaluation(store, result: EvalResult, *, run_id: str | None = None, step: int | None = None,
+                      name: str | None = None) -> EvalResult:
+    """Write ``result`` to the evaluations table; returns it with ``eval_id`` (and run_id/step if given).
+
+    For callers of :func:`evaluate_model` (a sweep evaluating a trial's model after an epoch).
+    """
+    result = dataclasses.replace(result, run_id=run_id if run_id is not None else result.run_id,
+                                 step=step if step is not None else result.step)
+    eval_id = store.add_evaluation(run_id=result.run_id, model=result.model, step=result.step, name=name,
+                                   limit=result.limit, harness_version=result.lm_eval_version, items=_items(result))
+    return dataclasses.replace(result, eval_id=eval_id)
 
 
 def _items(result: EvalResult) -> list[dict[str, Any]]:

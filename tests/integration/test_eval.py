@@ -337,3 +337,24 @@ def test_cross_check_against_the_harness_hf_backend(env, lm, tmp_path):
     for doc, values in hf["lls"].items():
         assert lls[doc] == pytest.approx(values, abs=1e-4)
     assert ours["results"]["tiny_mc"]["acc,none"] == hf["acc"]
+
+
+def test_sweep_api_in_memory_model_prepared_once_recorded_per_epoch(env, lm):
+    """What a sweep trial does after each epoch: tasks built once, the in-memory model evaluated, recorded."""
+    from elmctl.eval import evaluate_model, metric_value, prepare_tasks, record_evaluation
+    from elmctl.eval.suites import expand_tasks
+    from elmctl.store import Store
+
+    reqs, _ = expand_tasks("tiny_mc")
+    prepared = prepare_tasks(reqs, [env["tasks"]])
+    model, tok = lm.replicas[0], lm.tok
+    model.train()
+    first = evaluate_model(model, tok, "tiny_mc", prepared=prepared, label="trial 0", devices=["cpu"])
+    again = evaluate_model(model, tok, "tiny_mc", prepared=prepared, label="trial 0", devices=["cpu"])
+    assert model.training  # left in the mode it had
+    assert first.results == again.results and metric_value(first, "tiny_mc/acc") == first.results["tiny_mc"]["acc"]
+    with Store(env["url"]) as st:
+        run_id = st.get_run("pre").id
+        rec = record_evaluation(st, first, run_id=run_id, step=2, name="epoch-1")
+        rows = st.evaluations(eval_id=rec.eval_id)
+    assert rec.run_id == run_id and {(r.task, r.metric, r.step) for r in rows} == {("tiny_mc", "acc", 2), ("tiny_mc", "acc_norm", 2)}
