@@ -17,9 +17,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from elmctl.eval.suites import SUITES, expand_tasks, metric_value, split_metric, suite_averages
+from elmctl.eval.suites import (
+    SUITES,
+    expand_tasks,
+    metric_direction,
+    metric_key,
+    metric_value,
+    split_metric,
+    suite_averages,
+)
 
-__all__ = ["SUITES", "expand_tasks", "metric_value", "split_metric", "suite_averages", "EvalResult", "evaluate",
+__all__ = ["SUITES", "expand_tasks", "metric_value", "metric_direction", "metric_key", "split_metric", "suite_averages", "EvalResult", "evaluate",
            "evaluate_run", "evaluate_model", "record_evaluation", "prepare_tasks", "require_lm_eval", "resolve_devices"]
 
 _LAZY = {"EvalResult", "evaluate", "evaluate_run", "evaluate_model", "record_evaluation", "require_lm_eval",

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 from elmctl.errors import UsageError
 
 __all__ = ["SuiteTask", "SUITES", "TaskRequest", "expand_tasks", "result_key", "primary_metric", "suite_averages",
-           "metric_value", "split_metric"]
+           "metric_value", "split_metric", "metric_direction", "metric_key"]
 
 
 @dataclass(frozen=True)
@@ -175,3 +175,32 @@ def metric_value(result: Any, name: str) -> float:
             f"{k}/{m}" for k, ms in (data.get("results") or {}).items() for m in ms]
         raise UsageError(f"metric {name!r} is not in this evaluation", "it has: " + (", ".join(have) or "nothing"))
     return float(task[metric])
+
+
+#: harness metrics where lower is better (the rest, accuracies and suite averages, are maximised)
+LOWER_IS_BETTER = frozenset({"word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity", "likelihood_diff",
+                             "pct_stereotype", "ter"})
+
+
+def metric_direction(name: str) -> str:
+    """``"maximize"`` or ``"minimize"`` for a metric name (``arc_easy/acc_norm``, ``wikitext/word_perplexity``)."""
+    _, metric = split_metric(name)
+    return "minimize" if metric.split(",", 1)[0] in LOWER_IS_BETTER else "maximize"
+
+
+def metric_key(name: str, requests: list[TaskRequest], suites: list[str]) -> str:
+    """Check before anything runs that ``name`` can come out of evaluating ``requests``/``suites``.
+
+    Returns the normalised name (``openelm-zero-shot`` -> ``openelm-zero-shot/avg``).
+
+    Raises:
+        UsageError: the metric's task or suite is not among those evaluated.
+    """
+    key, metric = split_metric(name)
+    if key in suites and metric == "avg":
+        return f"{key}/avg"
+    keys = {result_key(r.task, r.shots or 0) for r in requests}
+    if key not in keys:
+        raise UsageError(f"metric {name!r}: {key!r} is not evaluated",
+                         "evaluated: " + ", ".join(sorted(keys | {f"{s} (avg)" for s in suites})))
+    return f"{key}/{metric}"

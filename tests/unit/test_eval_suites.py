@@ -87,3 +87,16 @@ def test_missing_lm_eval_names_the_extra(cli, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "lm_eval" else real(name, *a, **k))
     r = cli("eval", "some-run", "--tasks", "arc_easy")
     assert r.code == 2 and "pip install 'elmctl[eval]'" in r.err and "Traceback" not in r.err
+
+
+def test_metric_direction_and_key_for_the_sweep():
+    from elmctl.eval.suites import metric_direction, metric_key
+
+    assert metric_direction("openelm-zero-shot/avg") == "maximize" and metric_direction("arc_easy/acc_norm") == "maximize"
+    assert metric_direction("wikitext/word_perplexity") == "minimize"
+    reqs, suites = expand_tasks("openelm-openllm,arc_easy")
+    assert metric_key("openelm-openllm", reqs, suites) == "openelm-openllm/avg"
+    assert metric_key("arc_challenge@25shot/acc_norm", reqs, suites) == "arc_challenge@25shot/acc_norm"
+    assert metric_key("arc_easy/acc_norm", reqs, suites) == "arc_easy/acc_norm"
+    with pytest.raises(UsageError, match="'piqa' is not evaluated"):
+        metric_key("piqa/acc_norm", reqs, suites)
