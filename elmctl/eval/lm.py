@@ -11,8 +11,9 @@ the ``hf`` backend gets the same per-request log-likelihoods (``tests/integratio
 Speed (why it is at least as fast as the ``hf`` backend on the same model):
 - requests are sorted by length, longest first, and batched (right padding: causal attention never
   looks right, so padding changes nothing before it);
-- requests whose inputs are equal (multiple choice with one-token answers: BoolQ, MMLU) share one
-  forward;
+- on CPU (compute-bound), requests sharing a context (multiple choice) run the context once and
+  their continuations together from its KV cache; elsewhere requests whose inputs are equal
+  (one-token answers: BoolQ, MMLU) share one forward;
 - logits are computed only at the continuation positions, not over the whole sequence x vocabulary;
 - several devices: one model replica per device, batches dealt round-robin to one thread per device
   (CUDA kernels release the GIL), results put back in request order.
@@ -70,6 +71,8 @@ class ElmctlLM(TemplateLM):
         devs = [torch.device(d) for d in (devices or [str(first)])]
         self.replicas = [model] + [copy.deepcopy(model).to(d).eval() for d in devs[1:]]
         self.num_forward_rows = 0  # sequences run through the model (tests and benchmarks read it)
+        #: run a shared context once (None: on CPU only, where compute, not batch size, sets the pace)
+        self.share_contexts: bool | None = None
 
     # -- what TemplateLM needs --------------------------------------------------------------
     @property
@@ -118,49 +121,101 @@ class ElmctlLM(TemplateLM):
         self.num_forward_rows += len(inputs)
         return list(lp.split(needs))
 
-    def _run_batches(self, inputs: list[tuple[int, ...]], needs: list[int]) -> list[torch.Tensor]:
-        """Score every input (sorted longest first, batched, spread over the replicas)."""
-        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i]))
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        out: list[torch.Tensor | None] = [None] * len(inputs)
+    @torch.inference_mode()
+    def _score_shared(self, model, context: tuple[int, ...], conts: list[list[int]]) -> list[torch.Tensor]:
+        """Log-probs [len(cont), V] for each continuation of one context: the context runs once (KV cache),
+        then all continuations together, one cache row each."""
+        device = model.token_embeddings.weight.device
+        k, longest = len(conts), max(len(c) for c in conts)
+        cache = KVCache(model, 1, len(context) + longest - 1)
+        with self._autocast(device):
+            first = model.hidden_states(torch.tensor([context], device=device), cache)[0, -1:]  # [1, D]: predicts cont[0]
+            rest = None
+            if longest > 1:
+                cache.k = [t.expand(k, -1, -1, -1).contiguous() for t in cache.k]  # [k, K, S, E]
+                cache.v = [t.expand(k, -1, -1, -1).contiguous() for t in cache.v]
+                x = torch.zeros(k, longest - 1, dtype=torch.long)  # right padding: never seen by earlier positions
+                for j, c in enumerate(conts):
+                    x[j, :len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+                rest = model.hidden_states(x.to(device), cache)  # [k, longest-1, D]
+        picked = torch.cat([torch.cat([first, rest[j, :len(c) - 1]]) if rest is not None else first
+                            for j, c in enumerate(conts)]).float()  # [sum(len(c)), D]
+        logits = F.linear(picked, model.output_weight[:self.vocab].float())
+        self.num_forward_rows += 1 + (k if longest > 1 else 0)
+        return list(F.log_softmax(logits, dim=-1).cpu().split([len(c) for c in conts]))
 
-        def work(replica_index: int) -> None:
-            model = self.replicas[replica_index]
-            for b in batches[replica_index::len(self.replicas)]:
-                for i, lp in zip(b, self._score_batch(model, [inputs[i] for i in b], [needs[i] for i in b])):
-                    out[i] = lp
+    def _run(self, items: list, do) -> None:
+        """Run work items, dealt round-robin to one thread per replica (in order when there is one)."""
+        def work(r: int) -> None:
+            for item in items[r::len(self.replicas)]:
+                do(self.replicas[r], item)
 
         if len(self.replicas) == 1:
             work(0)
         else:
             with ThreadPoolExecutor(len(self.replicas)) as pool:
                 list(pool.map(work, range(len(self.replicas))))  # list(): re-raise a worker's error
-        return out  # type: ignore[return-value]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
-        """(sum log p(continuation | context), continuation is the greedy decode) per request."""
-        unique: dict[tuple[int, ...], int] = {}
-        need: list[int] = []
-        plan = []  # per request: (unique input index, continuation tokens)
-        for _, context_enc, continuation_enc in requests:
+        """(sum log p(continuation | context), continuation is the greedy decode) per request.
+
+        On CPU (compute-bound) requests sharing a context (multiple choice) run the context once
+        (:meth:`_score_shared`); everything else, and everything on GPU, goes in length-sorted batches
+        of equal inputs scored once (:meth:`_score_batch`).
+        """
+        share = self.share_contexts
+        if share is None:
+            share = all(m.token_embeddings.weight.device.type == "cpu" for m in self.replicas)
+        conts, by_context, plain = [], {}, []
+        for i, (_, context_enc, continuation_enc) in enumerate(requests):
             if not continuation_enc:
                 raise ValueError("a loglikelihood request with an empty continuation")
+            conts.append(list(continuation_enc))
+            if share and context_enc and len(context_enc) + len(continuation_enc) <= self.max_length + 1:
+                by_context.setdefault(tuple(context_enc), []).append(i)
+            else:
+                plain.append(i)
+        shared = [(ctx, idx) for ctx, idx in by_context.items() if len(idx) > 1]
+        plain += [idx[0] for idx in by_context.values() if len(idx) == 1]
+        rows: list[torch.Tensor | None] = [None] * len(requests)  # per request: log-probs [len(cont), V]
+
+        unique: dict[tuple[int, ...], int] = {}
+        need: list[int] = []
+        owner = []  # per plain request: (its index, the unique input it reads)
+        for i in plain:
+            _, context_enc, continuation_enc = requests[i]
             toks = (list(context_enc) + list(continuation_enc))[-(self.max_length + 1):]
             inp = tuple(toks[:-1])
-            cont = list(continuation_enc)[-len(inp):] if len(continuation_enc) > len(inp) else list(continuation_enc)
+            if len(conts[i]) > len(inp):  # a continuation longer than the window: score what fits
+                conts[i] = conts[i][-len(inp):]
             k = unique.setdefault(inp, len(unique))
             if k == len(need):
-                need.append(len(cont))
+                need.append(len(conts[i]))
             else:
-                need[k] = max(need[k], len(cont))
-            plan.append((k, cont))
-        lps = self._run_batches(list(unique), need)
+                need[k] = max(need[k], len(conts[i]))
+            owner.append((i, k))
+        inputs = list(unique)
+        order = sorted(range(len(inputs)), key=lambda u: -len(inputs[u]))  # longest first: padding stays small
+        batches = [order[b:b + self.batch_size] for b in range(0, len(order), self.batch_size)]
+        per_input: list[torch.Tensor | None] = [None] * len(inputs)
+
+        def do(model, item) -> None:
+            if item[0] == "batch":
+                for u, lp in zip(item[1], self._score_batch(model, [inputs[u] for u in item[1]], [need[u] for u in item[1]])):
+                    per_input[u] = lp
+            else:
+                _, ctx, idx = item
+                for i, lp in zip(idx, self._score_shared(model, ctx, [conts[i] for i in idx])):
+                    rows[i] = lp
+
+        self._run([("batch", b) for b in batches] + [("shared", ctx, idx) for ctx, idx in shared], do)
+        for i, k in owner:
+            rows[i] = per_input[k][-len(conts[i]):]  # type: ignore[index]
         res = []
-        for k, cont in plan:
-            lp = lps[k][-len(cont):]  # [C, V]
+        for lp, cont in zip(rows, conts):
             target = torch.tensor(cont, dtype=torch.long)
-            logp = float(lp.gather(1, target[:, None]).sum())
-            res.append((logp, bool((lp.argmax(-1) == target).all())))
+            logp = float(lp.gather(1, target[:, None]).sum())  # type: ignore[union-attr]
+            res.append((logp, bool((lp.argmax(-1) == target).all())))  # type: ignore[union-attr]
         return res
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:

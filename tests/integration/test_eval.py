@@ -189,6 +189,13 @@ def test_loglikelihoods_are_hand_computed_sums(lm):
     finally:
         lm.batch_size = 4
     assert [g[0] for g in again] == pytest.approx([g[0] for g in got], rel=1e-6, abs=1e-5)  # fp32 summation order
+    lm.share_contexts = False  # the GPU path (no shared contexts, length-sorted batches only): the same numbers
+    try:
+        batched = lm.loglikelihood([_req("loglikelihood", p, i) for i, p in enumerate(pairs)])
+    finally:
+        lm.share_contexts = None
+    assert [g[0] for g in batched] == pytest.approx([g[0] for g in got], rel=1e-6, abs=1e-5)
+    assert [g[1] for g in batched] == [g[1] for g in got]
     from elmctl.eval.lm import ElmctlLM
 
     two = ElmctlLM(model, tok, batch_size=1, devices=["cpu", "cpu"])  # data parallel: one replica per device
