@@ -7,9 +7,12 @@ Stages, each the exact ``elmctl`` command a user would type, run as a subprocess
 2. ``pretrain``      the ``tiny`` recipe for a few dozen steps
 3. ``generate``      the pre-trained model answers a held-out question and ranks its right and
                      wrong answer (before tuning)
-4. ``tune-sweep``    DPO over learning rate x epochs, two trials at a time, metric reward accuracy
-5. ``report``        the sweep with its heat map, plots and a self-contained HTML file
-6. ``generate``      the best trial's model does the same (after tuning)
+4. ``eval``          lm-evaluation-harness accuracy of the pre-trained model on a local multiple-choice
+                     task written from the held-out pairs (``data/eval/demo_compare.yaml`` + JSONL)
+5. ``tune-sweep``    DPO over learning rate x epochs, two trials at a time, metric reward accuracy
+6. ``report``        the sweep with its heat map, plots and a self-contained HTML file
+7. ``generate``      the best trial's model does the same (after tuning)
+8. ``eval``          the best trial's model on the same task (accuracy after tuning)
 
 Everything lives under one folder (``experiments/demo-<timestamp>`` by default) with its own SQLite
 store, so the demo never touches the user's main store: ``ELMCTL_HOME`` points at that folder for
@@ -116,6 +119,19 @@ def demo_config(out_dir: str | os.PathLike | None = None, store_url: str | None 
     # moves. 4000 documents (~190k tokens) cover the 154k tokens pre-training reads.
     return DemoConfig(out, url, False, docs=4000, pairs=256, test_pairs=100, pretrain_steps=150, warmup_steps=10,
                       sequences_per_step=4, lrs=(1e-5, 1e-4, 1e-3, 1e-2), epochs=(1, 2))
+
+
+def _eval_stage(key: str, title: str, source: str, cfg: DemoConfig) -> Stage:
+    from elmctl.data.demo import EVAL_TASK
+
+    return Stage(key, title, ("eval", source, "--tasks", EVAL_TASK, "--include-path", str(cfg.data_dir / "eval"),
+                              "--device", "cpu", "--name", f"demo-{key}", "--format", "json", "--store", cfg.store_url))
+
+
+def _accuracy(result: dict[str, Any]) -> float | None:
+    from elmctl.data.demo import EVAL_TASK
+
+    return ((result.get("results") or {}).get(EVAL_TASK) or {}).get("acc")
 
 
 def _held_out_question(cfg: DemoConfig) -> tuple[str, str, str]:
@@ -226,11 +242,16 @@ def run_demo(
             on_done(r)
         return r
 
+    from elmctl.data.demo import write_eval_task
+
     run(stages["data"])
     question = _held_out_question(cfg)
+    write_eval_task(cfg.data_dir / "raw" / "prefs.jsonl", cfg.data_dir / "eval")  # the held-out pairs as a harness task
     run(stages["pretrain"])
     before = _json_output(run(_generate_stage("before", "the pre-trained model answers a held-out question",
                                               PRETRAIN, question, cfg), stream=False))
+    eval_before = _json_output(run(_eval_stage("eval-before", "lm-eval accuracy on the held-out questions, before tuning",
+                                               PRETRAIN, cfg), stream=False))
     run(stages["sweep"])
     src = open_source(cfg.store_url)
     try:
@@ -245,9 +266,12 @@ def run_demo(
     cells = [c for c in study["cells"] if c["state"] == "COMPLETE" and c.get("reward_accuracy") is not None]
     best = study.get("best")
     after: dict[str, Any] = {}
+    eval_after: dict[str, Any] = {}
     if best and best.get("run_id"):
         after = _json_output(run(_generate_stage("after", "the best tuned model answers the same question",
                                                  best["run_id"], question, cfg), stream=False))
+        eval_after = _json_output(run(_eval_stage("eval-after", "lm-eval accuracy of the best cell on the same questions",
+                                                  best["run_id"], cfg), stream=False))
     by_acc = sorted(cells, key=lambda c: c["reward_accuracy"])
     return {
         "out_dir": str(cfg.out_dir), "store": cfg.store_url, "quick": cfg.quick,
@@ -260,6 +284,8 @@ def run_demo(
         "before_pick": before.get("pick"), "after_pick": after.get("pick"),
         "ranks_right_before": ranking.get("base_preference_accuracy"), "ranks_right_after": ranking.get("preference_accuracy"),
         "before_choices": before.get("choices"), "after_choices": after.get("choices"),
+        "eval_task": str(cfg.data_dir / "eval"), "eval_acc_before": _accuracy(eval_before),
+        "eval_acc_after": _accuracy(eval_after), "eval_samples": (eval_before.get("n") or {}).get("demo_compare"),
         "report_html": str(cfg.report_dir / "report.html"), "plots": sorted(str(p) for p in cfg.report_dir.glob("*.png")),
         "wall_s": round(time.perf_counter() - t0, 1),
         "next": next_steps(cfg, best.get("run_id") if best else None),
@@ -272,6 +298,7 @@ def next_steps(cfg: DemoConfig, best_run: str | None) -> list[str]:
     steps = [
         f"elmctl report --store {db}",
         f"elmctl report --run {PRETRAIN} --store {db}",
+        f"elmctl eval {PRETRAIN} --tasks demo_compare --include-path {cfg.data_dir / 'eval'} --store {db}",
         f"optuna-dashboard {db}",
     ]
     if best_run:

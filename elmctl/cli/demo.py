@@ -89,6 +89,11 @@ def _summary(c, r: dict) -> None:
     if before is not None and after is not None:
         c.print(f"all held-out questions: the model prefers the right answer on [bold]{before:.0%}[/] before tuning, "
                 f"[bold green]{after:.0%}[/] after (best cell)")
+    acc_before, acc_after = r.get("eval_acc_before"), r.get("eval_acc_after")
+    if acc_before is not None:
+        c.print(f"lm-evaluation-harness, local task demo_compare ({r.get('eval_samples')} held-out questions): accuracy "
+                f"[bold]{acc_before:.1%}[/] before tuning"
+                + (f", [bold green]{acc_after:.1%}[/] after (best cell)" if acc_after is not None else ""))
     c.print("[dim](DPO tunes which answer the model prefers; writing the number itself takes a longer-trained "
             "base than the demo's few CPU minutes)[/]")
     c.print(f"report: [bold]{r['report_html']}[/] ({len(r['plots'])} plots beside it)")

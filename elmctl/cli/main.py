@@ -38,6 +38,7 @@ _GROUPS = (
     "report",
     "generate",
     "export",
+    "eval",
     "demo",
 )
 

@@ -247,13 +247,15 @@ def _table_study(out, r: dict) -> None:
     out.print(h)
     t = Table(title="trials", title_justify="left")
     other = "eval_loss" if r["metric"] == "reward_accuracy" else "reward_accuracy"
-    for c in ("#", "lr", "epochs", "state", r["metric"], other, f"{r['metric']} per epoch", "time", "run", "reason"):
+    evcols = r.get("eval_columns") or []
+    for c in ("#", "lr", "epochs", "state", r["metric"], other, *evcols, f"{r['metric']} per epoch", "time", "run", "reason"):
         t.add_column(_u(c), justify="left" if c in ("state", f"{r['metric']} per epoch", "run", "reason") else "right")
     for x in r["trials"]:
         p = x["params"]
         t.add_row(str(x["number"]) + (" *" if best and best["number"] == x["number"] else ""), _f(p.get("lr"), "g"),
                   _f(p.get("epochs")), f"[{_STATUS.get(x['state'], 'white')}]{x['state'].lower()}[/]", _f(x["value"]),
-                  _f(x[other], ".4g"), _per_epoch(x, r["metric"] if r["metric"] != "value" else "eval_loss"),
+                  _f(x[other], ".4g"), *(_f(x.get("eval", {}).get(c), ".4f") for c in evcols),
+                  _per_epoch(x, r["metric"] if r["metric"] != "value" else "eval_loss"),
                   _dur(x["duration_s"]), _u(x["run_id"]), _u(x["reason"]))
     out.print(t)
     if best:
@@ -304,6 +306,14 @@ def _table_run(out, r: dict) -> None:
             e.add_row(str(row["epoch"]), str(row["step"]), _f(row.get("eval_loss")), _f(row.get("reward_accuracy"), ".3f"),
                       _f(row.get("reward_margin")))
         out.print(e)
+    if r.get("evaluations"):
+        e = Table(title="evaluations (elmctl eval)", title_justify="left")
+        for c in ("task", "metric", "value", "stderr", "samples", "shots", "limit", "step", "eval"):
+            e.add_column(c, justify="left" if c in ("task", "metric", "eval") else "right")
+        for v in r["evaluations"]:
+            e.add_row(_u(v["task"]), _u(v["metric"]), _f(v["value"], ".4f"), _f(v["stderr"], ".4f"), _f(v["samples"]),
+                      _f(v["shots"]), _f(v["limit"]), _f(v["step"]), _u(v["name"] or v["eval_id"]))
+        out.print(e)
     if r["checkpoints"]:
         last = r["checkpoints"][-1]
         out.print(f"checkpoints: {len(r['checkpoints'])}, latest step {last['step']}: {_u(last['path'])}")
@@ -351,10 +361,11 @@ def _markdown(kind: str, r: dict, title: str) -> str:
             rows.append([f"{lr:g}", *cells])
         parts.append(_md_table(["lr \\ epochs", *[str(e) for e in heat["epochs"]]], rows) + "\n`*` best cell; `(recipe)` the recipe's own cell.\n")
         parts.append("\n## Trials\n")
-        parts.append(_md_table(["#", "lr", "epochs", "state", r["metric"], "reward acc", "per epoch", "run", "reason"],
+        evcols = r.get("eval_columns") or []
+        parts.append(_md_table(["#", "lr", "epochs", "state", r["metric"], "reward acc", *evcols, "per epoch", "run", "reason"],
                                [[str(t["number"]), _f(t["params"].get("lr"), "g"), _f(t["params"].get("epochs")), t["state"].lower(),
-                                 _f(t["value"]), _f(t["reward_accuracy"], ".3f"), _per_epoch(t, r["metric"]), t["run_id"] or "",
-                                 t["reason"] or ""] for t in r["trials"]]))
+                                 _f(t["value"]), _f(t["reward_accuracy"], ".3f"), *(_f(t.get("eval", {}).get(c), ".4f") for c in evcols),
+                                 _per_epoch(t, r["metric"]), t["run_id"] or "", t["reason"] or ""] for t in r["trials"]]))
         b = r.get("best")
         if b:
             parts.append(f"\n**Best:** lr {b['params']['lr']:g}, {b['params']['epochs']} epochs, {_md(r['metric'])} {b['value']:.4f} (trial {b['number']}).\n")
@@ -378,6 +389,11 @@ def _markdown(kind: str, r: dict, title: str) -> str:
             parts.append("\n## Per-epoch evaluation\n")
             parts.append(_md_table(["epoch", "step", "eval loss", "reward acc"], [[str(e["epoch"]), str(e["step"]), _f(e.get("eval_loss")),
                                                                                   _f(e.get("reward_accuracy"), ".3f")] for e in r["epochs"]]))
+        if r.get("evaluations"):
+            parts.append("\n## Evaluations (elmctl eval)\n")
+            parts.append(_md_table(["task", "metric", "value", "stderr", "samples", "shots", "limit", "step"],
+                                   [[v["task"], v["metric"], _f(v["value"], ".4f"), _f(v["stderr"], ".4f"), _f(v["samples"]),
+                                     _f(v["shots"]), _f(v["limit"]), _f(v["step"])] for v in r["evaluations"]]))
     return "".join(parts)
 
 
@@ -388,10 +404,12 @@ def _csv(src, kind: str, r: dict, run: str | None) -> None:
 
         columns, rows = run_metrics_table(src, run)
     elif kind == "study":
-        columns = ["number", "lr", "epochs", "state", "value", "eval_loss", "reward_accuracy", "reward_margin", "run_id",
-                   "attempt", "duration_s", "reason", "best"]
+        evcols = list(r.get("eval_columns") or [])
+        columns = ["number", "lr", "epochs", "state", "value", "eval_loss", "reward_accuracy", "reward_margin", *evcols,
+                   "run_id", "attempt", "duration_s", "reason", "best"]
         best = (r.get("best") or {}).get("number")
-        rows = [{**t, "lr": t["params"].get("lr"), "epochs": t["params"].get("epochs"), "best": t["number"] == best} for t in r["trials"]]
+        rows = [{**t, "lr": t["params"].get("lr"), "epochs": t["params"].get("epochs"), "best": t["number"] == best,
+                 **{c: t.get("eval", {}).get(c) for c in evcols}} for t in r["trials"]]
     else:
         columns = ["id", "name", "kind", "recipe", "status", "step", "final_loss", "val_loss", "reward_accuracy", "tokens_per_s",
                    "devices", "num_gpus", "wall_s", "gpu_hours", "study", "trial", "created_at", "run_dir"]

@@ -162,6 +162,9 @@ def show_cmd(run: RunArg, fmt: FormatOpt = Format.table, store_url: StoreOpt = N
     data["checkpoints"] = [
         {"step": c.step, "path": c.path, "created_at": c.created_at, "meta": c.meta} for c in store.checkpoints(rec.id)
     ]
+    from elmctl.report.summary import eval_columns
+
+    data["evaluations"] = eval_columns(store.evaluations(rec.id))  # `elmctl eval`: one value per task or suite
     if fmt is Format.json:
         return emit_json(data)
     if fmt is Format.yaml:
@@ -194,6 +197,13 @@ def show_cmd(run: RunArg, fmt: FormatOpt = Format.table, store_url: StoreOpt = N
         for k, v in data["metrics"].items():
             m.add_row(_u(k), "nan" if v is None else f"{v:.6g}")
         out.print(m)
+    if data["evaluations"]:
+        e = Table(title="evaluations (latest elmctl eval per task)", title_justify="left")
+        e.add_column("task/metric")
+        e.add_column("value", justify="right")
+        for k, v in data["evaluations"].items():
+            e.add_row(_u(k), "" if v is None else f"{v:.4f}")
+        out.print(e)
     if data["checkpoints"]:
         c = Table(title="checkpoints", title_justify="left")
         c.add_column("step", justify="right")

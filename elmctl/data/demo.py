@@ -82,6 +82,41 @@ def make_pairs(num_train: int, num_test: int, seed: int = 0) -> list[dict[str, A
     return rows
 
 
+EVAL_TASK = "demo_compare"
+
+
+def write_eval_task(prefs_jsonl: Path, folder: Path) -> Path:
+    """A local lm-evaluation-harness task from the held-out (``split: test``) preference pairs.
+
+    Writes ``folder/demo_compare.jsonl`` (question, choices [right, wrong], answer 0) and
+    ``folder/demo_compare.yaml``: multiple choice, the corpus's own chat text format as the prompt,
+    accuracy = how often the model gives the right number the higher log-likelihood. The pairs are
+    the DPO test split, so no question was seen in tuning. Returns ``folder`` (for ``--include-path``).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with open(prefs_jsonl) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("split") == "test":
+                rows.append({"question": r["prompt"], "choices": [r["chosen"], r["rejected"]], "answer": 0})
+    data = folder / f"{EVAL_TASK}.jsonl"
+    _write_jsonl(data, rows)
+    # doc_to_text is the pre-training corpus's format; target_delimiter "" puts the answer right after it
+    (folder / f"{EVAL_TASK}.yaml").write_text(
+        f"task: {EVAL_TASK}\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
+        "test_split: test\n"
+        "output_type: multiple_choice\n"
+        'doc_to_text: "<|user|>\\n{{question}}\\n<|assistant|>\\n"\n'
+        'target_delimiter: ""\n'
+        'doc_to_choice: "{{choices}}"\n'
+        'doc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n")
+    return folder
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:

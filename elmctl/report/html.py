@@ -112,10 +112,12 @@ def _study_body(r: dict[str, Any]) -> str:
                      f"{' ...' if len(ign) > 20 else ''}</p>")
     parts.append("<h2>Learning rate x epochs</h2>" + _heat_table(r))
     rows = [{**t, "lr": t["params"].get("lr"), "epochs": t["params"].get("epochs"),
-             "curve": " ".join(_fmt(e.get(r["metric"])) for e in t["per_epoch"])} for t in r["trials"]]
+             "curve": " ".join(_fmt(e.get(r["metric"])) for e in t["per_epoch"]),
+             **{f"eval:{c}": v for c, v in (t.get("eval") or {}).items()}} for t in r["trials"]]
     parts.append("<h2>Trials</h2>" + _table(rows, [
         ("number", "trial"), ("lr", "lr"), ("epochs", "epochs"), ("state", "state"), ("value", r["metric"]),
-        ("reward_accuracy", "reward acc"), ("eval_loss", "eval loss"), ("curve", "per epoch"),
+        ("reward_accuracy", "reward acc"), ("eval_loss", "eval loss"), *((f"eval:{c}", c) for c in r.get("eval_columns") or []),
+        ("curve", "per epoch"),
         ("duration_s", "time (s)"), ("run_id", "run"), ("reason", "reason")], left=("state", "run_id", "reason", "curve")))
     return "".join(parts)
 
@@ -140,6 +142,11 @@ def _run_body(r: dict[str, Any]) -> str:
         parts.append("<h2>Per-epoch evaluation</h2>" + _table(r["epochs"], [
             ("epoch", "epoch"), ("step", "step"), ("eval_loss", "eval loss"), ("reward_accuracy", "reward acc"),
             ("reward_margin", "reward margin")]))
+    if r.get("evaluations"):
+        parts.append("<h2>Evaluations (elmctl eval)</h2>" + _table(r["evaluations"], [
+            ("task", "task"), ("metric", "metric"), ("value", "value"), ("stderr", "stderr"), ("samples", "samples"),
+            ("shots", "shots"), ("limit", "limit"), ("step", "step"), ("eval_id", "evaluation")],
+            left=("task", "metric", "eval_id")))
     if r["checkpoints"]:
         parts.append("<h2>Checkpoints</h2>" + _table(r["checkpoints"], [("step", "step"), ("final", "final"), ("path", "path")],
                                                       left=("path",)))

@@ -14,7 +14,11 @@ Shapes (the ``--format json`` interface):
 - :func:`study_report` -> ``{study, store, metric, direction, recipe, trials: [{number, params: {lr,
   epochs}, state, value, eval_loss, reward_accuracy, reward_margin, per_epoch, reason, run_id, ...}],
   cells, heat, best, paper, counts, ignored: [{number, state, params, value, reason}]}``
-- :func:`run_report` -> ``{run: run row, curves: {key: series}, lr, throughput, epochs, checkpoints}``
+- :func:`run_report` -> ``{run: run row, curves: {key: series}, lr, throughput, epochs, checkpoints,
+  evaluations: [evaluation row], eval: {TASK/METRIC: value}}``
+- a study's trials carry ``eval: {TASK/METRIC: value}`` (their run's latest `elmctl eval`), and the
+  study ``eval_columns``: one column per task or suite (its primary metric: a suite's ``avg``,
+  else ``acc_norm``, ``acc``...), named as ``tune-sweep --metric`` names them
 
 NaN and infinities come out as None, so the JSON stays strict.
 
@@ -35,7 +39,7 @@ from elmctl.report import _EMPTY_HINT, ReportSource, open_source
 from elmctl.train.metric_keys import EVAL_KEYS
 
 __all__ = ["ReportSource", "open_source", "overview", "study_report", "run_report", "run_row", "gpu_count", "run_metrics_table",
-           "sparkline", "series_summary", "clean", "CURVE_KEYS"]
+           "sparkline", "series_summary", "clean", "CURVE_KEYS", "evaluation_rows", "eval_columns"]
 
 #: metric keys summarised as curves, in display order (pretraining first, then tuning)
 CURVE_KEYS = ("loss", "val_loss", "train_loss", "eval_loss", "train_reward_accuracy", "reward_accuracy",
@@ -171,8 +175,37 @@ def run_report(src: ReportSource, run_id: str) -> dict[str, Any]:
     epochs = _epoch_rows(by_key)
     ckpts = [{"step": c.step, "path": c.path, "final": bool(c.meta.get("final"))} for c in src.store.checkpoints(run.id)]
     row = run_row(src.store, run, latest)
+    evals = src.store.evaluations(run.id)
     return clean({"store": src.display_url, "run": row, "config": run.config, "curves": curves, "lr": lr,
-                  "throughput": thr, "epochs": epochs, "checkpoints": ckpts})
+                  "throughput": thr, "epochs": epochs, "checkpoints": ckpts,
+                  "evaluations": evaluation_rows(evals), "eval": eval_columns(evals)})
+
+
+# ----------------------------------------------------------------------------- evaluations
+
+
+def evaluation_rows(records) -> list[dict[str, Any]]:
+    """`elmctl eval` results (EvaluationRecords) as plain rows, oldest first."""
+    return [{"eval_id": e.eval_id, "name": e.name, "step": e.step, "task": e.task, "metric": e.metric,
+             "value": _finite(e.value), "stderr": _finite(e.stderr), "samples": e.samples, "shots": e.shots,
+             "limit": e.limit, "harness_version": e.harness_version, "created_at": e.created_at, "model": e.model}
+            for e in records]
+
+
+def eval_columns(records) -> dict[str, float | None]:
+    """One value per task or suite, from the latest evaluation that measured it: ``{"TASK/METRIC": value}``
+    with the task's primary metric (a suite's avg, else acc_norm, acc, ...)."""
+    from elmctl.eval.suites import primary_metric
+
+    latest: dict[str, dict[str, float | None]] = {}
+    for e in records:  # oldest first: a later evaluation of a task replaces the earlier one
+        latest.setdefault(e.task, {})[e.metric] = _finite(e.value)
+    out = {}
+    for task in sorted(latest, key=lambda t: (not t.startswith("openelm-"), t)):
+        m = primary_metric(latest[task])
+        if m is not None:
+            out[f"{task}/{m}"] = latest[task][m]
+    return out
 
 
 def _epoch_rows(by_key: dict[str, list[tuple[int, float]]]) -> list[dict[str, Any]]:
@@ -317,6 +350,10 @@ def study_report(src: ReportSource, name: str) -> dict[str, Any]:
     metric, direction = ident.get("metric") or "value", _direction(study)
     runs = src.store.list_runs(study=name, limit=None) if src.store is not None else []
     runs_by_id = {r.id: r for r in runs}
+    evals_by_run: dict[str, list] = {}
+    if src.store is not None and runs:
+        for e in src.store.evaluations(run_ids=list(runs_by_id)):
+            evals_by_run.setdefault(e.run_id, []).append(e)
     rows = []
     for t in sorted(trials, key=lambda t: t.number):
         run_id = t.user_attrs.get("run_id")
@@ -332,6 +369,7 @@ def study_report(src: ReportSource, name: str) -> dict[str, Any]:
             per_epoch = [{"epoch": int(e), metric: v} for e, v in sorted(t.intermediate_values.items())]
         last = per_epoch[-1] if per_epoch else {}
         ua = t.user_attrs
+        evals = eval_columns(evals_by_run.get(run_id, [])) if run_id else {}
         rows.append({
             "number": t.number, "params": _params(t), "state": t.state.name,
             "value": t.values[0] if t.values and len(t.values) == 1 else None,
@@ -344,6 +382,7 @@ def study_report(src: ReportSource, name: str) -> dict[str, Any]:
             "duration_s": ua.get("duration_s"),
             "started": t.datetime_start.isoformat() if t.datetime_start else None,
             "ended": t.datetime_complete.isoformat() if t.datetime_complete else None,
+            "eval": evals,
         })
     best_t = _best(trials, direction)
     best = next(({k: r[k] for k in ("number", "params", "value", "eval_loss", "reward_accuracy", "run_id")}
@@ -354,6 +393,7 @@ def study_report(src: ReportSource, name: str) -> dict[str, Any]:
         "recipe": ident.get("recipe"), "base": ident.get("base"), "loss": ident.get("loss"),
         "trials": rows, "cells": cells, "heat": _heat(cells, best), "best": best,
         "paper": _paper(study, runs), "counts": _counts(trials), "ignored": ignored,
+        "eval_columns": sorted({k for r in rows for k in r["eval"]}, key=lambda k: (not k.startswith("openelm-"), k)),
     })
 
 
@@ -397,4 +437,10 @@ def run_metrics_table(src: ReportSource, run_id: str) -> tuple[list[str], list[d
         if m.key not in keys:
             keys.append(m.key)
         rows.setdefault(m.step, {"step": m.step})[m.key] = _finite(m.value)
+    for e in src.store.evaluations(run.id):  # `elmctl eval` results at their checkpoint's step
+        key = f"eval:{e.task}/{e.metric}"
+        if key not in keys:
+            keys.append(key)
+        step = e.step if e.step is not None else run.step
+        rows.setdefault(step, {"step": step})[key] = _finite(e.value)
     return ["step", *keys], [rows[s] for s in sorted(rows)]

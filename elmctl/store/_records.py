@@ -19,6 +19,7 @@ __all__ = [
     "RunRecord",
     "MetricRecord",
     "CheckpointRecord",
+    "EvaluationRecord",
     "home",
     "runs_dir",
     "utc_now",
@@ -126,6 +127,31 @@ class CheckpointRecord:
     path: str
     created_at: str
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvaluationRecord:
+    """One metric of one ``elmctl eval`` (``eval_id`` groups the rows of one evaluation).
+
+    ``task`` is a harness task (``task@Nshot`` when few-shot) or a suite (metric ``avg``); ``limit``
+    is the ``--limit`` it ran with (None: every sample); ``run_id`` is None for a folder that belongs
+    to no run of this store.
+    """
+
+    eval_id: str
+    run_id: str | None
+    model: str
+    name: str | None
+    step: int | None
+    task: str
+    metric: str
+    value: float | None
+    stderr: float | None
+    samples: int | None
+    shots: int | None
+    limit: int | None
+    harness_version: str
+    created_at: str
 
 
 #: ``elmctl demo`` (default --out) writes ``<ELMCTL_HOME>/demo-<YYYYmmdd-HHMMSS>/elmctl.db``

@@ -40,6 +40,7 @@ from elmctl.store._records import (
     STATUSES,
     TERMINAL_STATUSES,
     CheckpointRecord,
+    EvaluationRecord,
     MetricRecord,
     RunRecord,
     runs_dir,
@@ -107,7 +108,7 @@ class Store:
         return self._ro_engine or None
 
     def _ensure_schema(self) -> None:
-        names = [t.name for t in T.ALL_TABLES]
+        names = [t.name for t in T.CORE_TABLES]  # later tables: see _tables.evaluations
         with self._tx(write=False) as conn:
             present = set(inspect(conn).get_table_names())
         if not set(names) <= present:
@@ -480,3 +481,55 @@ class Store:
         with self._tx(write=False) as conn:
             rows = conn.execute(select(T.checkpoints).where(k.run_id == run_id).order_by(k.step)).all()
         return [CheckpointRecord(r.run_id, r.step, r.path, r.created_at, json.loads(r.meta or "{}")) for r in rows]
+
+    # -- evaluations ----------------------------------------------------------------------------
+    def _has_table(self, table) -> bool:
+        with self._tx(write=False) as conn:
+            return inspect(conn).has_table(table.name)
+
+    def add_evaluation(self, *, run_id: str | None, model: str, step: int | None, name: str | None,
+                       limit: int | None, harness_version: str, items: Iterable[Mapping[str, Any]]) -> str:
+        """Record one evaluation's metrics (``items``: task, metric, value, stderr, samples, shots); its id.
+
+        Creates the evaluations table in a store made before it existed.
+        """
+        eval_id = secrets.token_hex(4)
+        now = utc_now()
+
+        def num(v: Any) -> float | None:
+            return None if v is None or not math.isfinite(float(v)) else float(v)
+
+        rows = [{"eval_id": eval_id, "run_id": run_id, "model": str(model), "name": name,
+                 "step": None if step is None else int(step), "task": str(i["task"]), "metric": str(i["metric"]),
+                 "value": num(i.get("value")), "stderr": num(i.get("stderr")),
+                 "samples": None if i.get("samples") is None else int(i["samples"]),
+                 "shots": None if i.get("shots") is None else int(i["shots"]),
+                 "sample_limit": None if limit is None else int(limit), "harness_version": str(harness_version),
+                 "created_at": now} for i in items]
+        with self._tx(write=True) as conn:
+            if not inspect(conn).has_table(T.evaluations.name):
+                lock_schema(conn)
+                T.evaluations.create(conn, checkfirst=True)
+            if rows:
+                conn.execute(insert(T.evaluations), rows)
+        return eval_id
+
+    def evaluations(self, run_id: str | None = None, *, run_ids: Iterable[str] | None = None,
+                    eval_id: str | None = None) -> list[EvaluationRecord]:
+        """Evaluation rows (of one run, several runs, or one evaluation), oldest first; [] in a store
+        that has no evaluations table yet."""
+        if not self._has_table(T.evaluations):
+            return []
+        e = T.evaluations.c
+        q = select(T.evaluations).order_by(e.created_at, e.id)
+        if run_id is not None:
+            with self._tx(write=False) as conn:
+                q = q.where(e.run_id == self._resolve_id(conn, run_id))
+        if run_ids is not None:
+            q = q.where(e.run_id.in_(list(run_ids)))
+        if eval_id is not None:
+            q = q.where(e.eval_id == eval_id)
+        with self._tx(write=False) as conn:
+            return [EvaluationRecord(r.eval_id, r.run_id, r.model, r.name, r.step, r.task, r.metric, r.value, r.stderr,
+                                     r.samples, r.shots, r.sample_limit, r.harness_version, r.created_at)
+                    for r in conn.execute(q)]

@@ -84,4 +84,30 @@ checkpoints = Table(
     UniqueConstraint("run_id", "step", name="uq_elmctl_checkpoints_run_step"),
 )
 
-ALL_TABLES = (meta, runs, metrics, checkpoints)
+# Added after schema version 1 (additive, so the version stays 1: an older elmctl ignores the table).
+# A new store gets it with the others; an existing store gets it from the first write that needs it
+# (Store.add_evaluation), so read-only commands on an older store never create tables.
+evaluations = Table(
+    "elmctl_evaluations",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("eval_id", String(16), nullable=False),  # one `elmctl eval` (all its rows)
+    Column("run_id", String(16), ForeignKey("elmctl_runs.id", ondelete="CASCADE"), nullable=True),
+    Column("model", Text, nullable=False),  # what was evaluated (run label + checkpoint, or a folder)
+    Column("name", String(200), nullable=True),
+    Column("step", Integer, nullable=True),  # the checkpoint's step
+    Column("task", String(200), nullable=False),  # harness task (task@Nshot) or suite
+    Column("metric", String(128), nullable=False),
+    Column("value", Float, nullable=True),
+    Column("stderr", Float, nullable=True),
+    Column("samples", Integer, nullable=True),
+    Column("shots", Integer, nullable=True),
+    Column("sample_limit", Integer, nullable=True),  # --limit (None: every sample)
+    Column("harness_version", String(40), nullable=False),
+    Column("created_at", String(40), nullable=False),
+    Index("ix_elmctl_evaluations_run", "run_id", "created_at"),
+)
+
+#: the tables every store has from its creation; later additions are created when first written
+CORE_TABLES = (meta, runs, metrics, checkpoints)
+ALL_TABLES = CORE_TABLES + (evaluations,)

@@ -50,7 +50,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert not main_db.exists() and not (tmp_path / "home").exists()
     assert (out / "elmctl.db").is_file() and r["store"] == f"sqlite:///{out / 'elmctl.db'}"
     assert all(Path(p).is_relative_to(out) for p in [r["report_html"], *r["plots"], *(s["log"] for s in r["stages"])])
-    assert [s["key"] for s in r["stages"]] == ["data", "pretrain", "before", "sweep", "report", "after"]
+    assert [s["key"] for s in r["stages"]] == ["data", "pretrain", "before", "eval-before", "sweep", "report", "after",
+                                               "eval-after"]
     assert all(s["command"].startswith("elmctl ") and "--store" in s["command"] for s in r["stages"][1:])
     # the sweep: every cell ran, the best cell beats the worst on reward accuracy
     assert r["study"] == STUDY and len(r["cells"]) == 4 and all(c["state"] == "COMPLETE" for c in r["cells"])
@@ -62,5 +63,12 @@ def test_quick_demo_end_to_end(tmp_path):
     assert {r["before_pick"], r["after_pick"]} <= {r["expected"], r["wrong"]} and r["expected"] != r["wrong"]
     assert [c["text"] for c in r["after_choices"]] == [r["expected"], r["wrong"]]
     assert 0 <= r["ranks_right_before"] <= 1 and 0 <= r["ranks_right_after"] <= 1
+    # lm-evaluation-harness on the local task written from the held-out pairs, before and after tuning
+    assert r["eval_samples"] == 64 and 0 <= r["eval_acc_before"] <= 1 and 0 <= r["eval_acc_after"] <= 1
+    assert (Path(r["eval_task"]) / "demo_compare.yaml").is_file()
+    train_prompts = {json.loads(x)["prompt"] for x in (out / "data" / "raw" / "prefs.jsonl").read_text().splitlines()
+                     if json.loads(x)["split"] == "train"}
+    asked = {json.loads(x)["question"] for x in (Path(r["eval_task"]) / "demo_compare.jsonl").read_text().splitlines()}
+    assert asked and not asked & train_prompts  # no evaluation question was seen in tuning
     runs = list((out / "runs").iterdir())
     assert len(runs) == 1 + 4  # the pretrain run and one run per trial, all inside the demo folder
