@@ -247,11 +247,7 @@ class Mirror:
         todo = [n for n in self.names if n not in self.failed]
         tstate = state.setdefault("trackers", {})
         low = min((int(tstate.get(n, {}).get("last_step", 0)) for n in todo), default=0)
-        rows = self.store.metrics_since(run.id, low)
-        by_step: dict[int, tuple[float, dict[str, float]]] = {}
-        for m in rows:
-            wall, vals = by_step.setdefault(m.step, (m.time, {}))
-            vals[m.key] = m.value
+        by_step = _by_step(self.store.metrics_since(run.id, low))
         top = max(by_step) if by_step else 0
         settled = top if ended else top - 1
         sent_now: dict[str, int] = {}
@@ -272,10 +268,12 @@ class Mirror:
                     if st.get("ended") and run.status not in _TERMINAL:
                         st.pop("ended")  # resumed: the tracker's run is running again
                     self.open[name] = tracker
-                    held = tracker.resume_step()
-                    if held is not None and held > last:
+                    held = tracker.resume_step()  # what the tracker itself holds, when it can tell
+                    if held is not None and held != last:
+                        if held < low:
+                            by_step.update(_by_step(self.store.metrics_since(run.id, held)))
                         last = held
-                        pending = [p for p in pending if p[0] > last]
+                        pending = [(s, by_step[s][0], by_step[s][1]) for s in sorted(by_step) if last < s <= settled]
                 if pending:
                     tracker.log(pending)
                     last = pending[-1][0]
@@ -331,6 +329,15 @@ class Mirror:
             except Exception as exc:  # noqa: BLE001
                 self._warn(name, f"{type(exc).__name__} while closing: {str(exc)[:300]}")
         self.open.clear()
+
+
+def _by_step(rows: list[Any]) -> dict[int, tuple[float, dict[str, float]]]:
+    """step -> (time, {key: value})."""
+    by_step: dict[int, tuple[float, dict[str, float]]] = {}
+    for m in rows:
+        _, vals = by_step.setdefault(m.step, (m.time, {}))
+        vals[m.key] = m.value
+    return by_step
 
 
 def _now() -> float:

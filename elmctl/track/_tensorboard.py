@@ -10,6 +10,7 @@ progress was saved), so every step has one point.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from elmctl.track._base import RunInfo, Tracker, TrackerUnavailable
 
 _STATUS = {"completed": "STATUS_SUCCESS", "failed": "STATUS_FAILURE", "diverged": "STATUS_FAILURE",
            "cancelled": "STATUS_UNKNOWN"}
+_SAFE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 #: shown as the metric columns of the hparams table of a study
 _STUDY_METRICS = ("eval_loss", "reward_accuracy", "reward_margin", "train_loss")
 
@@ -27,8 +29,8 @@ def logdir(info: RunInfo) -> Path:
 
     if info.study is not None and info.trial is not None:
         return Path(info.track_dir or home() / "tb") / info.study / str(info.trial)
-    if info.track_dir is not None:
-        return Path(info.track_dir) / info.label
+    if info.track_dir is not None:  # a name from an older elmctl may hold any character: then the id
+        return Path(info.track_dir) / (info.label if _SAFE.fullmatch(info.label) else info.run_id)
     return Path(info.run_dir) / "tb"
 
 
@@ -48,8 +50,9 @@ class TensorBoardTracker(Tracker):
             raise TrackerUnavailable(f"tensorboard is not installed ({exc.name or exc})") from None
         self._pb = (event_pb2, summary_pb2)
         path = logdir(info)
-        if state.get("logdir") not in (None, str(path)):
-            state = {}  # another destination (--track-dir changed): it starts empty
+        self._fresh = state.get("logdir") != str(path)  # a new destination (first time, --track-dir changed)
+        if self._fresh:
+            state = {}
         path.mkdir(parents=True, exist_ok=True)
         self._writer = EventFileWriter(str(path))
         self._new = not state.get("params_written")
@@ -57,6 +60,9 @@ class TensorBoardTracker(Tracker):
         if info.study is not None and info.trial is not None:
             _write_study_config(path.parent, info, self._pb)
         return {"logdir": str(path), "params_written": True}
+
+    def resume_step(self) -> int | None:
+        return 0 if self._fresh else None  # else the state's step: the START event drops what lies past it
 
     def _event(self, step: int, wall: float, **kw: Any) -> None:
         event_pb2, _ = self._pb

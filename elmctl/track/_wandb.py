@@ -35,6 +35,7 @@ class WandbTracker(Tracker):
     def __init__(self) -> None:
         self._run: Any = None
         self._step: int | None = None
+        self._held: int | None = None
 
     def open(self, info: RunInfo, state: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -56,7 +57,15 @@ class WandbTracker(Tracker):
             reinit="create_new", settings=settings,
             notes=f"elmctl run {info.run_id}: elmctl runs show {info.run_id}",
         )
+        self._held = None
+        if state.get("id") and os.environ.get("WANDB_MODE", "").lower() in ("offline", "dryrun"):
+            # offline, a killed process loses what wandb's service had not written yet: what the run's
+            # files hold (not the state file) is where this one continues
+            self._held = max((_last_step(f) for f in where.glob(f"wandb/offline-run-*-{wid}/run-{wid}.wandb")), default=0)
         return {"id": wid, "dir": str(where)}
+
+    def resume_step(self) -> int | None:
+        return self._held
 
     def log(self, steps: list[tuple[int, float, dict[str, float]]]) -> None:
         for step, _wall, values in steps:
@@ -75,3 +84,51 @@ class WandbTracker(Tracker):
         if self._run is not None:
             self._run.finish(exit_code=0)  # not the end of the elmctl run (that is finish): W&B's run resumes
             self._run = None
+
+
+def offline_records(run_file: Path) -> list:
+    """The records of an offline W&B run file (``run-<id>.wandb``), decoded with W&B's own protobuf.
+
+    wandb 0.31 no longer ships a Python reader of its transaction log, so the framing (the LevelDB log
+    format: 32 KiB blocks of CRC32 / length / type chunks after a 7-byte ``:W&B`` header) is read here.
+    A torn tail (the writer killed mid-record) ends the list.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    if data[:4] != b":W&B":
+        return []
+    out, pos, block, pending = [], 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if kind == 0 or pos + 7 + length > len(data):
+            break
+        pending = data[pos + 7:pos + 7 + length] if kind in (1, 2) else pending + data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST
+            rec = pb.Record()
+            try:
+                rec.ParseFromString(pending)
+            except Exception:  # noqa: BLE001 - torn
+                break
+            out.append(rec)
+            pending = b""
+    return out
+
+
+def _last_step(run_file: Path) -> int:
+    import json
+
+    last = 0
+    for rec in offline_records(run_file):
+        if rec.WhichOneof("record_type") == "history":
+            for item in rec.history.item:
+                if item.key == "_step" or list(item.nested_key) == ["_step"]:
+                    last = max(last, int(json.loads(item.value_json)))
+    return last
