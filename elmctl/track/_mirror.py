@@ -297,7 +297,7 @@ class Mirror:
                 continue
             finally:
                 tstate[name] = {**st, "last_step": last}
-                self._save(path, run, state)
+        self._save(path, run, state)  # once per pass (a crash in between: see resume_step and TensorBoard's START)
         return sent_now
 
     def _save(self, path: Path, run: Any, state: dict[str, Any]) -> None:

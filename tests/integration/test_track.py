@@ -245,3 +245,29 @@ def test_bad_inputs_exit_2_without_traceback(env, cli, monkeypatch):
     monkeypatch.setenv("ELMCTL_TRACK", "tensorbored")
     res = cli("pretrain", "--recipe", "tiny", "--device", "cpu", "--dry-run")
     assert res.code == 2 and "tensorbored" in res.err
+
+
+def test_sweep_with_mlflow_makes_one_parent_and_a_nested_run_per_cell(env, tmp_path):
+    from conftest import make_tune_assets
+    from mlflow.tracking import MlflowClient
+
+    assets = make_tune_assets(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "elmctl", "tune-sweep", "--recipe", "tiny", "--set", "model.num_layers=2",
+                          "--base", str(assets / "base"), "--data", str(assets / "prefs"), "--device", "cpu",
+                          "--parallel", "2", "--lrs", "1e-4", "--epochs", "1,2", "--study", "trk",
+                          "--track", "mlflow,tensorboard", "--format", "json"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    c = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    exp = c.get_experiment_by_name("elmctl").experiment_id
+    parents = c.search_runs([exp], filter_string="tags.`elmctl.study_parent` = 'trk'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    trials = c.search_runs([exp], filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert len(trials) == 2 and {t.data.params["tune.epochs"] for t in trials} == {"1", "2"}
+    for t in trials:
+        evals = mlflow_history(os.environ["MLFLOW_TRACKING_URI"], t.info.run_id, "eval_loss")
+        assert len(evals) == int(t.data.params["tune.epochs"])  # one per epoch
+        assert t.info.status == "FINISHED" and t.data.tags["elmctl.study"] == "trk"
+    root = Path(os.environ["ELMCTL_HOME"]) / "tb" / "trk"
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(t.data.tags["elmctl.trial"] for t in trials)
+    assert all(tb_scalars(d, "eval_loss") for d in root.iterdir() if d.is_dir())
