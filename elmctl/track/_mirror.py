@@ -240,6 +240,7 @@ class Mirror:
 
     def _sync(self, run: Any, path: Path) -> dict[str, int]:
         state = read_state(run.run_dir, run.id)
+        before = json.dumps(state, sort_keys=True)
         if self.git_commit and not state.get("git_commit"):
             state["git_commit"] = self.git_commit
         # the status was read before the metrics: an ended run's metrics are all in the store by then
@@ -297,7 +298,8 @@ class Mirror:
                 continue
             finally:
                 tstate[name] = {**st, "last_step": last}
-        self._save(path, run, state)  # once per pass (a crash in between: see resume_step and TensorBoard's START)
+        if json.dumps(state, sort_keys=True) != before or not path.exists():
+            self._save(path, run, state)  # once per pass (a crash in between: see resume_step and TensorBoard's START)
         return sent_now
 
     def _save(self, path: Path, run: Any, state: dict[str, Any]) -> None:
