@@ -6,6 +6,7 @@ tests use runs written straight into the store (no training) or a few steps of t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from track_util import mlflow_history, tb_scalars, wandb_config, wandb_history
 
 SMALL = ["--set", "model.context_length=32", "--set", "pretrain.sequences_per_gpu=4",
          "--set", "pretrain.warmup_iterations=2", "--set", "pretrain.max_iterations=40"]
-STEPS = 12
+STEPS = 16
 ALL = "tensorboard,mlflow,wandb"
 
 
@@ -49,14 +50,33 @@ def _pretrain(root: Path, *args: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tracked(env):
-    """(run record, json result) of a live-tracked pretrain, in this process."""
-    from elmctl.cli.main import main
+    """A pretrain run with ``--track tensorboard,mlflow,wandb``, killed (-9) once its trackers had
+    received steps and a checkpoint was written, then resumed without --track (it keeps its trackers).
+    Returns (run record, MLflow run id before the kill, the resume's CompletedProcess)."""
     from elmctl.store import Store
 
-    code = main(_pretrain(env, "--max-steps", str(STEPS), "--name", "tracked", "--track", ALL, "--format", "json"))
-    assert code == 0
+    elmctl = str(Path(sys.executable).parent / "elmctl")
+    args = _pretrain(env, "--max-steps", str(STEPS), "--checkpoint-every", "4", "--name", "tracked", "--track", ALL)
+    proc = subprocess.Popen([elmctl, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, killed, run = time.time() + 120, False, None
+    while time.time() < deadline and proc.poll() is None:
+        with contextlib.suppress(Exception):  # (not created yet)
+            with Store() as s:
+                run = s.get_run("tracked")
+                state = Path(run.run_dir, "track.json")
+                if s.checkpoints(run.id) and state.exists() and len(json.loads(state.read_text())["trackers"]) == 3:
+                    proc.send_signal(signal.SIGKILL)  # a crash: the live mirror dies with it
+                    killed = True
+                    break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed, "the run ended before it could be killed"
+    before = json.loads(Path(run.run_dir, "track.json").read_text())["trackers"]["mlflow"]["run_id"]
+    resumed = subprocess.run([elmctl, "pretrain", "--resume", "tracked"], capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "warning" not in resumed.stdout + resumed.stderr, resumed.stdout + resumed.stderr
     with Store() as s:
-        return s.get_run("tracked")
+        return s.get_run("tracked"), before
 
 
 def _store_series(run_id: str, key: str) -> dict[int, float]:
@@ -89,7 +109,8 @@ def _fake_run(name: str | None = None, steps: int = 6, status: str = "completed"
         return s.set_status(run.id, status)
 
 
-def test_live_run_reads_back_in_every_tracker(tracked, cli):
+def test_live_run_resumed_after_kill9_reads_back_in_every_tracker(tracked, cli):
+    tracked, mlflow_before = tracked
     loss = _store_series(tracked.id, "loss")
     assert sorted(loss) == list(range(1, STEPS + 1))
     shown = cli("runs", "show", tracked.id, "--format", "json")
@@ -105,7 +126,7 @@ def test_live_run_reads_back_in_every_tracker(tracked, cli):
     assert float(p["pretrain.max_lr"]) == tracked.recipe["pretrain"]["max_lr"]
     assert p["plan.micro_batch"] == "4" and p["plan.nproc"] == "1" and p["version.elmctl"] and p["version.torch"]
     assert tags["elmctl.status"] == "completed" and tags["elmctl.link"] == f"elmctl runs show {tracked.id}"
-    assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    assert run.info.status == "FINISHED" and run.info.run_name == "tracked" and run.info.run_id == mlflow_before
     # W&B offline: the run file's history holds the same values; its config the flattened recipe
     wb = wandb_history(Path(tracked.run_dir), "loss")
     assert [s for s, _ in wb] == sorted(loss) and all(v == pytest.approx(loss[s]) for s, v in wb)
@@ -128,14 +149,55 @@ def test_sync_twice_adds_nothing(tracked, cli):
     assert sorted(tb_scalars(Path(fake.run_dir) / "tb", "loss")) == list(range(1, 7))
 
 
+def test_end_status_and_evaluations_reach_the_tracker(env):
+    """cancelled -> MLflow KILLED, diverged -> FAILED (tag elmctl.status exact); evaluation results
+    (the store's evaluations, when it has them) are sent once the run has ended."""
+    from types import SimpleNamespace
+
+    from elmctl.store import Store
+    from elmctl.track import sync_runs
+
+    class WithEvals:  # the store as it will be with the eval engineer's evaluations table
+        def __init__(self, store):
+            self._s = store
+
+        def __getattr__(self, name):
+            return getattr(self._s, name)
+
+        def evaluations(self, run_id):
+            return [SimpleNamespace(task="arc_easy", metric="acc", value=0.5)]
+
+    for status, mlflow_status in (("cancelled", "KILLED"), ("diverged", "FAILED")):
+        fake = _fake_run(steps=3, status=status)
+        with Store() as s:
+            row = sync_runs(WithEvals(s), [fake.id], ["mlflow"])[0]
+        assert row["sent"] == {"mlflow": 3} and not row["failed"]
+        run = _mlflow_run(fake.id)
+        assert run.info.status == mlflow_status and run.data.tags["elmctl.status"] == status
+        assert mlflow_history(os.environ["MLFLOW_TRACKING_URI"], run.info.run_id, "eval/arc_easy/acc") == [(3, 0.5)]
+
+
 def test_two_syncs_at_once_send_each_step_once(env):
+    import threading
+
+    from elmctl.store import Store
+    from elmctl.track import sync_runs
+
     fake = _fake_run("concurrent", steps=30)
-    cmd = [sys.executable, "-m", "elmctl", "runs", "sync", fake.id, "--to", "mlflow,tensorboard", "--format", "json"]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    sent = sorted(json.loads(o)["runs"][0]["sent"]["mlflow"] for o, _ in outs)
-    assert sent == [0, 30]  # one of them did it all, under the run's mirror lock
+    results, go = [], threading.Barrier(2)
+
+    def one() -> None:  # each with its own store connection and lock file descriptor, as two processes
+        with Store() as s:
+            go.wait()
+            results.append(sync_runs(s, [fake.id], ["mlflow", "tensorboard"])[0])
+
+    threads = [threading.Thread(target=one) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(r["failed"] for r in results), results
+    assert sorted(r["sent"]["mlflow"] for r in results) == [0, 30]  # one did it all, under the run's mirror lock
     run = _mlflow_run(fake.id)
     assert [s for s, _ in mlflow_history(os.environ["MLFLOW_TRACKING_URI"], run.info.run_id, "loss")] == list(range(1, 31))
     assert sorted(tb_scalars(Path(fake.run_dir) / "tb", "loss")) == list(range(1, 31))
@@ -198,40 +260,6 @@ def _run_id(name: str) -> str:
         return s.get_run(name).id
 
 
-def test_kill9_then_resume_has_one_point_per_step(env):
-    from elmctl.store import Store
-
-    elmctl = str(Path(sys.executable).parent / "elmctl")
-    args = _pretrain(env, "--max-steps", "16", "--checkpoint-every", "4", "--name", "victim", "--track", ALL)
-    proc = subprocess.Popen([elmctl, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, killed = time.time() + 90, False
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            with Store() as s:
-                run = s.get_run("victim")
-                state = Path(run.run_dir, "track.json")
-                if s.checkpoints(run.id) and state.exists() and len(json.loads(state.read_text())["trackers"]) == 3:
-                    proc.send_signal(signal.SIGKILL)  # a crash: the live mirror dies with it
-                    killed = True
-                    break
-        except Exception:  # noqa: BLE001 - not created yet
-            pass
-        time.sleep(0.05)
-    proc.wait()
-    assert killed, "the run ended before it could be killed"
-    before = json.loads(Path(run.run_dir, "track.json").read_text())["trackers"]["mlflow"]["run_id"]
-    resumed = subprocess.run([elmctl, "pretrain", "--resume", "victim"], capture_output=True, text=True, timeout=120)
-    assert resumed.returncode == 0, resumed.stderr  # no --track: the run keeps its trackers
-    loss = _store_series(run.id, "loss")
-    assert sorted(loss) == list(range(1, 17))
-    mrun = _mlflow_run(run.id)
-    assert mrun.info.run_id == before and mrun.info.status == "FINISHED"
-    assert mlflow_history(os.environ["MLFLOW_TRACKING_URI"], before, "loss") == sorted(loss.items())
-    tb = tb_scalars(Path(run.run_dir) / "tb", "loss")
-    assert sorted(tb) == sorted(loss) and all(tb[s] == pytest.approx(loss[s], rel=1e-6) for s in loss)
-    assert [s for s, _ in wandb_history(Path(run.run_dir), "loss")] == sorted(loss), resumed.stdout + resumed.stderr
-
-
 def test_bad_inputs_exit_2_without_traceback(env, cli, monkeypatch):
     cases = [("pretrain", "--recipe", "tiny", "--track", "tensorboard,neptune"),
              ("runs", "sync", "tracked"), ("runs", "sync", "tracked", "--to", "comet"),
@@ -247,17 +275,15 @@ def test_bad_inputs_exit_2_without_traceback(env, cli, monkeypatch):
     assert res.code == 2 and "tensorbored" in res.err
 
 
-def test_sweep_with_mlflow_makes_one_parent_and_a_nested_run_per_cell(env, tmp_path):
+def test_sweep_with_mlflow_makes_one_parent_and_a_nested_run_per_cell(env, cli, tmp_path):
     from conftest import make_tune_assets
     from mlflow.tracking import MlflowClient
 
     assets = make_tune_assets(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "elmctl", "tune-sweep", "--recipe", "tiny", "--set", "model.num_layers=2",
-                          "--base", str(assets / "base"), "--data", str(assets / "prefs"), "--device", "cpu",
-                          "--parallel", "2", "--lrs", "1e-4", "--epochs", "1,2", "--study", "trk",
-                          "--track", "mlflow,tensorboard", "--format", "json"],
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr
+    res = cli("tune-sweep", "--recipe", "tiny", "--set", "model.num_layers=2", "--base", assets / "base",
+              "--data", assets / "prefs", "--device", "cpu", "--parallel", "2", "--lrs", "1e-4", "--epochs", "1,2",
+              "--study", "trk", "--track", "mlflow,tensorboard", "--format", "json")
+    assert res.code == 0, res.err
     c = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     exp = c.get_experiment_by_name("elmctl").experiment_id
     parents = c.search_runs([exp], filter_string="tags.`elmctl.study_parent` = 'trk'")
@@ -271,3 +297,11 @@ def test_sweep_with_mlflow_makes_one_parent_and_a_nested_run_per_cell(env, tmp_p
     root = Path(os.environ["ELMCTL_HOME"]) / "tb" / "trk"
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(t.data.tags["elmctl.trial"] for t in trials)
     assert all(tb_scalars(d, "eval_loss") for d in root.iterdir() if d.is_dir())
+    # a plain tune run, tracked live by `elmctl tune` itself
+    res = cli("tune", "--recipe", "tiny", "--set", "model.num_layers=2", "--base", assets / "base", "--data",
+              assets / "prefs", "--device", "cpu", "--lr", "1e-4", "--epochs", "1", "--name", "tuned",
+              "--track", "tensorboard", "--format", "json")
+    assert res.code == 0 and json.loads(res.out)["warnings"] == [], res.err
+    tuned = _run_id("tuned")
+    with_tb = tb_scalars(Path(os.environ["ELMCTL_HOME"]) / "runs" / tuned / "tb", "train_loss")
+    assert with_tb == pytest.approx(_store_series(tuned, "train_loss"))
