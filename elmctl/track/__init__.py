@@ -68,7 +68,12 @@ def live_mirror(store_url: str | None, run_id: str, trackers: list[str] | None, 
     from elmctl.track._live import DEFAULT_INTERVAL_S, LiveMirror
 
     if trackers is None:
-        trackers = _resumed_trackers(store_url, run_id)
+        try:
+            trackers = _resumed_trackers(store_url, run_id)
+        except Exception as exc:  # noqa: BLE001 - tracking never keeps a run from training
+            if on_warning is not None:
+                on_warning(f"tracking: cannot read the run's trackers ({type(exc).__name__}: {exc})")
+            trackers = []
     interval = interval_s if interval_s is not None else float(os.environ.get("ELMCTL_TRACK_INTERVAL") or DEFAULT_INTERVAL_S)
     return LiveMirror(store_url, [run_id], trackers, track_dir=track_dir, on_warning=on_warning,
                       interval_s=interval).start()

@@ -109,14 +109,20 @@ def _write_atomic(path: Path, data: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def _locked(path: Path):
-    """An exclusive lock beside the state file: two mirrors of one run (a live one, a `runs sync`) take turns."""
+    """An exclusive lock beside the state file: two mirrors of one run (a live one, a `runs sync`) take
+    turns. Yields None, or the OSError that kept the lock file from being made (then: no lock)."""
     import fcntl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(_LOCK_FILE if path.name == STATE_FILE else path.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.with_name(_LOCK_FILE if path.name == STATE_FILE else path.name + ".lock"), "a")
+    except OSError as exc:
+        yield exc
+        return
+    with f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel if this process dies (kill -9)
         try:
-            yield
+            yield None
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
@@ -227,13 +233,10 @@ class Mirror:
         """One pass (see the module docstring); returns the steps sent now, per tracker."""
         run = self.store.get_run(self.run_id)
         path = state_path(run.run_dir, run.id)
-        try:
-            with _locked(path):
-                return self._sync(run, path)
-        except OSError as exc:  # the lock file cannot be made either (read-only home): mirror, unlocked
-            if not self._state_said:
+        with _locked(path) as problem:
+            if problem is not None and not self._state_said:  # read-only run folder and home: unlocked
                 self._state_said = True
-                msg = f"the mirror state of run {run.id} cannot be locked or saved ({exc})"
+                msg = f"the mirror state of run {run.id} cannot be locked or saved ({problem})"
                 self.warnings.append(msg)
                 self.on_warning(msg)
             return self._sync(run, path)

@@ -177,6 +177,29 @@ def test_end_status_and_evaluations_reach_the_tracker(env):
         assert mlflow_history(os.environ["MLFLOW_TRACKING_URI"], run.info.run_id, "eval/arc_easy/acc") == [(3, 0.5)]
 
 
+def test_cancelled_then_resumed_continues_the_same_tracker_runs(env):
+    from elmctl.store import Store
+    from elmctl.track import sync_runs
+
+    fake = _fake_run(steps=4, status="cancelled")
+    with Store() as s:
+        assert sync_runs(s, [fake.id], ALL.split(","))[0]["sent"] == {"tensorboard": 4, "mlflow": 4, "wandb": 4}
+        first = _mlflow_run(fake.id).info
+        assert first.status == "KILLED"
+        s.reopen(fake.id)  # what `pretrain --resume` does, then trains on
+        s.set_status(fake.id, "running")
+        for step in range(5, 9):
+            s.log_metrics(fake.id, step, {"loss": 5.0 / step, "lr": 1e-3 * step})
+        s.set_status(fake.id, "completed")
+        assert sync_runs(s, [fake.id], ALL.split(","))[0]["sent"] == {"tensorboard": 4, "mlflow": 4, "wandb": 4}
+    run = _mlflow_run(fake.id)
+    assert run.info.run_id == first.run_id and run.info.status == "FINISHED"
+    steps = list(range(1, 9))
+    assert [s for s, _ in mlflow_history(os.environ["MLFLOW_TRACKING_URI"], first.run_id, "loss")] == steps
+    assert sorted(tb_scalars(Path(fake.run_dir) / "tb", "loss")) == steps
+    assert [s for s, _ in wandb_history(Path(fake.run_dir), "loss")] == steps
+
+
 def test_two_syncs_at_once_send_each_step_once(env):
     import threading
 
