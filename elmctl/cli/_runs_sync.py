@@ -64,12 +64,10 @@ def sync_cmd(
                      on_warning=None if quiet else (lambda m: err.print(f"[yellow]warning:[/] {safe_markup(m)}")))
     if study is not None and "mlflow" in names:
         from elmctl.track._mlflow import end_study, tracking_uri
-        from elmctl.track._mirror import run_info
 
         if all(r["status"] in ("completed", "failed", "diverged", "cancelled") for r in rows):
-            try:
-                end_study(tracking_uri(run_info(store.get_run(ids[0]), track_dir=track_dir, store_url=None, extra={})),
-                          study, "completed")
+            try:  # the study's parent run ends when every trial has
+                end_study(tracking_uri(track_dir), study, "completed")
             except Exception:  # noqa: BLE001 - the trials are mirrored; the parent's end time is cosmetic
                 pass
     if quiet:

@@ -115,15 +115,11 @@ class LiveMirror:
             self._store = None
 
     def _end_study(self, status: str) -> None:
-        opened = [m.open for m in self._mirrors.values()]
-        if not any("mlflow" not in m.failed for m in self._mirrors.values()) or not opened:
-            return
+        if not any("mlflow" not in m.failed for m in self._mirrors.values()):
+            return  # no trial was mirrored to MLflow (none ran, or MLflow failed): no parent to end
         try:
             from elmctl.track._mlflow import end_study, tracking_uri
-            from elmctl.track._base import RunInfo
 
-            uri = tracking_uri(RunInfo("", "", "", "", "", Path("."), track_dir=Path(self.track_dir).expanduser().resolve()
-                                       if self.track_dir else None))
-            end_study(uri, self.study, status)
+            end_study(tracking_uri(self.track_dir), self.study, status)
         except Exception as exc:  # noqa: BLE001
             self._warn(f"tracker mlflow: could not end the study's parent run: {type(exc).__name__}: {exc}")

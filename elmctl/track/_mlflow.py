@@ -24,13 +24,14 @@ _BATCH_METRICS = 1000  # MLflow's limit per log_batch
 _BATCH_PARAMS = 100
 
 
-def tracking_uri(info: RunInfo) -> str:
+def tracking_uri(track_dir: str | Path | None = None) -> str:
+    """``$MLFLOW_TRACKING_URI``, else sqlite in --track-dir, else in ELMCTL_HOME (the folder is made)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
     from elmctl.store import home
 
-    root = Path(info.track_dir) if info.track_dir is not None else home()
+    root = Path(track_dir).expanduser() if track_dir is not None else home()
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root.resolve() / 'mlflow.db'}"
 
@@ -56,7 +57,7 @@ class MlflowTracker(Tracker):
         except ImportError as exc:
             raise TrackerUnavailable(f"mlflow is not installed ({exc.name or exc})") from None
         _quiet()
-        uri = tracking_uri(info)
+        uri = tracking_uri(info.track_dir)
         if uri.startswith("file:") or "://" not in uri:
             # the user chose a file store; MLflow 3 refuses it unless told that is intended
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")

@@ -34,7 +34,7 @@ def env(tmp_path_factory):
     make_demo(root / "D", seed=0)
     values = {"ELMCTL_HOME": str(root / "home"), "ELMCTL_LOCK_DIR": str(root / "locks"), "OMP_NUM_THREADS": "1",
               "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
-              "ELMCTL_TRACK_INTERVAL": "0.2"}
+              "ELMCTL_TRACK_INTERVAL": "0.5"}
     mp = pytest.MonkeyPatch()
     for k, v in values.items():
         mp.setenv(k, v)
