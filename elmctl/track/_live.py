@@ -17,6 +17,8 @@ from elmctl.track._mirror import Mirror, git_commit
 __all__ = ["LiveMirror", "DEFAULT_INTERVAL_S"]
 
 DEFAULT_INTERVAL_S = 5.0
+#: how long the end of a run waits for the mirror's last pass (a tracker server that does not answer)
+CLOSE_TIMEOUT_S = 120.0
 
 
 class LiveMirror:
@@ -42,6 +44,7 @@ class LiveMirror:
         self.on_warning = on_warning
         self.interval_s = interval_s
         self.study = study
+        self.close_timeout_s = CLOSE_TIMEOUT_S
         self.warnings: list[str] = []
         self.sent: dict[str, dict[str, int]] = {}  # run id -> tracker -> steps sent
         self._mirrors: dict[str, Mirror] = {}
@@ -74,6 +77,7 @@ class LiveMirror:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.sync_once()
+        self.sync_once()  # the last pass, here too: a tracker that hangs cannot hang the command (see close)
 
     def sync_once(self) -> None:
         """One pass over every run (errors become warnings)."""
@@ -103,9 +107,12 @@ class LiveMirror:
             return
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(self.close_timeout_s)
+            if self._thread.is_alive():  # a tracker that does not answer: the store has it all anyway
+                self._warn(f"tracking: the trackers did not finish within {self.close_timeout_s:g} s; "
+                           "what is missing can be sent later with: elmctl runs sync")
+                return
             self._thread = None
-        self.sync_once()
         for mirror in self._mirrors.values():
             mirror.close()
         if self.study is not None and "mlflow" in self.trackers:

@@ -36,6 +36,14 @@ def tracking_uri(track_dir: str | Path | None = None) -> str:
     return f"sqlite:///{root.resolve() / 'mlflow.db'}"
 
 
+def _bounded() -> None:
+    """An unreachable server fails in seconds, not after MLflow's default minutes of retries (the user's
+    own settings win)."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
 def _quiet() -> None:
     # MLflow and alembic announce their schema migrations at INFO: not the user's business mid-run
     for name in ("mlflow", "alembic"):
@@ -57,6 +65,7 @@ class MlflowTracker(Tracker):
         except ImportError as exc:
             raise TrackerUnavailable(f"mlflow is not installed ({exc.name or exc})") from None
         _quiet()
+        _bounded()
         uri = tracking_uri(info.track_dir)
         if uri.startswith("file:") or "://" not in uri:
             # the user chose a file store; MLflow 3 refuses it unless told that is intended

@@ -276,6 +276,16 @@ def test_failing_trackers_warn_once_and_the_run_completes(env, cli, monkeypatch)
     assert sorted(_store_series(_run_id("failing"), "loss")) == [1, 2, 3, 4]
 
 
+def test_unreachable_mlflow_server_fails_fast_with_one_warning(env, cli, monkeypatch):
+    fake = _fake_run(steps=2)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    t0 = time.time()
+    res = cli("runs", "sync", fake.id, "--to", "mlflow")
+    assert res.code == 1 and time.time() - t0 < 60, res
+    err = " ".join(res.err.split())
+    assert err.count("tracker mlflow:") == 1 and "nothing was mirrored" in err and "Traceback" not in err
+
+
 def _run_id(name: str) -> str:
     from elmctl.store import Store
 
