@@ -165,6 +165,9 @@ def sweep_cmd(
 
     spec = replace(spec, study=study or _default_study(spec.identity(), rec.id))
     if slurm:
+        if trackers(track):
+            console(stderr=True).print("[yellow]note:[/] --track is not passed to the array tasks; mirror the "
+                                       f"study afterwards with: elmctl runs sync --study {safe_markup(spec.study)} --to {','.join(trackers(track))}")
         return _write_slurm(spec, store, storage, nodes or 1, gpus_per_node, gpus_per_trial,
                             parallel if device == "cpu" else None, submit, fmt)
     err = console(stderr=True)

@@ -59,6 +59,9 @@ def pretrain(
         track=trackers(track), track_dir=track_dir,
     )
     out = console()
+    if slurm and req.track:  # the sbatch job runs the workers directly: no launching process to mirror from
+        console(stderr=True).print("[yellow]note:[/] --track is not passed to the sbatch job; mirror the run "
+                                   "afterwards with: elmctl runs sync RUN --to " + ",".join(req.track))
     plan, recipe_obj = prepare(req)
     if dry_run:
         if fmt == Format.json:
