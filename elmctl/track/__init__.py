@@ -45,9 +45,16 @@ def parse_trackers(text: str | None, option: str = "--track") -> list[str]:
         return []
     bad = [n for n in names if n not in TRACKERS]
     if bad:
+        import difflib
+
         shown = ", ".join(ascii(b) if not b.isprintable() or not b.isascii() else repr(b) for b in bad)
-        raise UsageError(f"{option}: unknown tracker {shown}", f"use any of {', '.join(TRACKERS)} (comma-separated), "
-                         "or none")
+        close = [m for b in bad for m in difflib.get_close_matches(b, TRACKERS + ("tensorboard",), n=1, cutoff=0.5)]
+        if "tb" in bad:
+            close.append("tensorboard")
+        hint = f"use any of {', '.join(TRACKERS)} (comma-separated)" + (", or none" if option == "--track" else "")
+        if close:
+            hint = f"did you mean {' or '.join(dict.fromkeys(close))}? " + hint
+        raise UsageError(f"{option}: unknown tracker {shown}", hint)
     return list(dict.fromkeys(names))
 
 
