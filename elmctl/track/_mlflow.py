@@ -93,8 +93,11 @@ class MlflowTracker(Tracker):
         self._client, self._run_id = client, run.info.run_id
         # the steps MLflow already holds (latest value of each key, with its step): a process killed
         # after sending but before saving its progress must not send them twice
-        steps = [m.step for m in run.data._metric_objs] if run.data is not None else []  # noqa: SLF001
-        self._last = max(steps) if steps else 0
+        latest = getattr(run.data, "_metric_objs", None)  # (RunData keeps the Metric objects, steps included)
+        if latest is None:
+            self._last = None  # cannot tell: the state file's step stands
+        else:
+            self._last = max((m.step for m in latest), default=0)
         have = dict(run.data.params) if run.data is not None else {}
         params = [Param(k, str(v)[:_MAX_PARAM]) for k, v in info.params.items() if k not in have]
         for i in range(0, len(params), _BATCH_PARAMS):
