@@ -15,6 +15,7 @@ import typer
 
 from elmctl.cli._common import MAX_PROCS, Format, FormatOpt, SetOpt, StoreOpt, console, emit_json, safe_markup
 from elmctl.cli._sweep_view import LiveView, print_summary
+from elmctl.cli._track_opts import TrackDirOpt, TrackOpt, trackers, warning_printer
 from elmctl.cli._tune_opts import BaseOpt, DataOpt, DeviceOpt, LossOpt, PrecomputeOpt, RecipeOpt, check_loss, select_devices
 from elmctl.errors import RuntimeFailure, UsageError
 from elmctl.store import NAME_RULE
@@ -70,6 +71,8 @@ def sweep_cmd(
     slurm: Annotated[bool, typer.Option("--slurm", help="Write an sbatch array instead of running: --nodes tasks, each a driver of this study on its node's --gpus N GPUs. Needs a PostgreSQL store.")] = False,
     nodes: Annotated[Optional[int], typer.Option("--nodes", min=1, max=1000, help="With --slurm: array tasks, one node each (default 1).")] = None,
     submit: Annotated[bool, typer.Option("--submit", help="With --slurm: also submit the script with sbatch.")] = False,
+    track: TrackOpt = None,
+    track_dir: TrackDirOpt = None,
 ) -> None:
     """Search learning rate x epochs for instruction tuning: one `tune` run per cell, in parallel.
 
@@ -162,6 +165,9 @@ def sweep_cmd(
 
     spec = replace(spec, study=study or _default_study(spec.identity(), rec.id))
     if slurm:
+        if trackers(track):
+            console(stderr=True).print("[yellow]note:[/] --track is not passed to the array tasks; mirror the "
+                                       f"study afterwards with: elmctl runs sync --study {safe_markup(spec.study)} --to {','.join(trackers(track))}")
         return _write_slurm(spec, store, storage, nodes or 1, gpus_per_node, gpus_per_trial,
                             parallel if device == "cpu" else None, submit, fmt)
     err = console(stderr=True)
@@ -177,12 +183,19 @@ def sweep_cmd(
 
     old = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.time()
+    from elmctl.track import live_study  # one tracker run per trial, grouped by the study (#14)
+
+    live = live_study(st.url, spec.study, lambda: [v.run_id for v in driver.views.copy().values()], trackers(track) or [],
+                      track_dir=track_dir, on_warning=warning_printer(fmt == Format.json))
     try:
         result = driver.run()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         view.stop()
+        live.close("cancelled" if driver.interrupted else "completed")
+    if live.warnings:
+        result.setdefault("warnings", []).extend(live.warnings)
     result["paper"] = {"recipe": rec.id, "lr": rec.instruct.lr, "epochs": rec.instruct.epochs, "loss": rec.instruct.loss}
     result["wall_s"] = round(time.time() - t0, 1)
     if fmt == Format.json:

@@ -8,6 +8,7 @@ import typer
 
 from elmctl.cli._common import (MAX_PROCS, MAX_MICRO_BATCH, MAX_STEPS, Format, FormatOpt, SetOpt, StoreOpt, console,
                                 emit_json, name_option, safe_markup)
+from elmctl.cli._track_opts import TrackDirOpt, TrackOpt, trackers
 from elmctl.errors import RuntimeFailure
 
 
@@ -39,6 +40,8 @@ def pretrain(
     node_rank: Annotated[int, typer.Option("--node-rank", help="This node's rank.")] = 0,
     rdzv_endpoint: Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="host:port of the head node.")] = None,
     slurm: Annotated[bool, typer.Option("--slurm", help="Write an sbatch script for --nnodes nodes instead of running.")] = False,
+    track: TrackOpt = None,
+    track_dir: TrackDirOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
     """Pre-train an OpenELM model on prepared token shards, keeping the recipe's global batch.
@@ -53,8 +56,12 @@ def pretrain(
         overrides=list(set_ or []), name=name, resume=resume, allow_topology_change=allow_topology_change,
         compile=not no_compile, wait=wait, store=store, nnodes=nnodes, node_rank=node_rank,
         rdzv_endpoint=rdzv_endpoint, slurm=slurm, gpu_mem=gpu_mem, dry_run=dry_run,
+        track=trackers(track), track_dir=track_dir,
     )
     out = console()
+    if slurm and req.track:  # the sbatch job runs the workers directly: no launching process to mirror from
+        console(stderr=True).print("[yellow]note:[/] --track is not passed to the sbatch job; mirror the run "
+                                   "afterwards with: elmctl runs sync RUN --to " + ",".join(req.track))
     plan, recipe_obj = prepare(req)
     if dry_run:
         if fmt == Format.json:
@@ -142,7 +149,11 @@ class _Progress:
         # "failed: ..." precedes an exception that main() prints once: not echoed here as well
         if self.quiet or msg.startswith(("step ", "failed: ")):
             return
-        (self.bar.console if self.bar else self.out).print(f"[dim]{msg}[/]")
+        con = self.bar.console if self.bar else self.out
+        if msg.startswith("warning: "):  # a tracker that failed (the run goes on)
+            con.print(f"[yellow]warning:[/] {safe_markup(msg[len('warning: '):])}")
+        else:
+            con.print(f"[dim]{safe_markup(msg)}[/]")
 
     def line(self, text: str) -> None:  # worker stdout under torchrun
         if not self.quiet:

@@ -28,6 +28,9 @@ _STATUS_STYLE = {"queued": "yellow", "running": "cyan", "completed": "green", "f
 
 
 def register(app: typer.Typer) -> None:
+    from elmctl.cli import _runs_sync  # `runs sync` (#14)
+
+    _runs_sync.register(runs_app, _open)
     app.add_typer(runs_app, name="runs")
 
 

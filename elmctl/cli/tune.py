@@ -16,6 +16,7 @@ import typer
 
 from elmctl.cli._common import MAX_PROCS, Format, FormatOpt, SetOpt, StoreOpt, console, emit_json, name_option, safe_markup
 from elmctl.cli._tune_opts import DeviceOpt, LossOpt, PrecomputeOpt, RecipeOpt, check_loss, plan_devices
+from elmctl.cli._track_opts import TrackDirOpt, TrackOpt, trackers, warning_printer
 from elmctl.cli._tune_sweep import sweep_cmd
 from elmctl.errors import RuntimeFailure, UsageError
 
@@ -45,6 +46,8 @@ def tune_cmd(
     precompute_ref: PrecomputeOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (batch split, sharding, memory fit) and write nothing; plans for --gpus N even where this machine lacks them.")] = False,
     gpu_mem: Annotated[Optional[float], typer.Option("--gpu-mem", min=1, max=4096, help="GiB of one GPU to plan for (default: the GPUs found; without them an H100's 80).")] = None,
+    track: TrackOpt = None,
+    track_dir: TrackDirOpt = None,
     fmt: FormatOpt = Format.table,
     run_id: Annotated[Optional[str], typer.Option("--run-id", hidden=True)] = None,
     trial_of: Annotated[Optional[str], typer.Option("--trial-of", hidden=True)] = None,
@@ -141,16 +144,20 @@ def tune_cmd(
             err.print(f"[yellow]resume: {escape(note)}[/]", highlight=False)
         err.print(f"resuming from {R.describe(point.as_dict())}" if point is not None
                   else "[yellow]not resuming: no compatible checkpoint; starting from the base weights[/]")
-    if world == 1:
-        status = _tune_in_process(run_dir, gpu_list, run.id, None if quiet else err)
-    else:
-        status = _tune_torchrun(run_dir, gpu_list, world, run.id, master_port, st)
+    from elmctl.track import live_mirror  # a sweep trial (--run-id) is mirrored by its driver instead (#14)
+
+    with live_mirror(st.url, run.id, [] if run_id else trackers(track), track_dir=track_dir,
+                     on_warning=warning_printer(quiet)) as live:
+        if world == 1:
+            status = _tune_in_process(run_dir, gpu_list, run.id, None if quiet else err)
+        else:
+            status = _tune_torchrun(run_dir, gpu_list, world, run.id, master_port, st)
     final = st.get_run(run.id)
     metrics = {k: v for k, v in st.latest_metrics(run.id).items() if k in ("epoch", "eval_loss", "reward_accuracy", "reward_margin")}
     ckpts = st.checkpoints(run.id)
     out = {"run_id": run.id, "name": run.name, "status": final.status, "step": final.step, "metrics": metrics,
            "checkpoint": ckpts[-1].path if ckpts else None, "error": final.error,
-           "resumed_from": point.as_dict() if point is not None else None}
+           "resumed_from": point.as_dict() if point is not None else None, "warnings": live.warnings}
     if quiet:
         emit_json(out)
     else:

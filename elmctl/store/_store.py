@@ -445,6 +445,14 @@ class Store:
         with self._tx(write=False) as conn:
             return [MetricRecord(r.step, r.key, math.nan if r.value is None else r.value, r.time) for r in conn.execute(q)]
 
+    def metrics_since(self, run_id: str, after_step: int) -> list[MetricRecord]:
+        """Every value a run logged after ``after_step``, ordered by step then key (the trackers' mirror)."""
+        m = T.metrics.c
+        q = (select(m.step, m.key, m.value, m.time).where(m.run_id == run_id, m.step > int(after_step))
+             .order_by(m.step, m.key))
+        with self._tx(write=False) as conn:
+            return [MetricRecord(r.step, r.key, math.nan if r.value is None else r.value, r.time) for r in conn.execute(q)]
+
     def latest_metrics(self, run_id: str) -> dict[str, float]:
         """The value at the highest step of every key the run logged."""
         return {k: v for (_, k), v in self._latest(key=None, run_ids=[run_id]).items()}

@@ -46,6 +46,8 @@ class PretrainRequest:
     slurm: bool = False
     gpu_mem: float | None = None  # GiB per GPU to plan for (default: the GPUs found, else an H100's 80)
     dry_run: bool = False  # plan only: GPUs this machine lacks are planned for, not refused
+    track: list[str] | None = None  # trackers to mirror to (None: a resume keeps the run's), see elmctl.track
+    track_dir: str | None = None
 
 
 def _resolve_devices(req: PretrainRequest, saved: dict[str, Any]):
@@ -236,6 +238,10 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
                 if on_event:
                     on_event("cancelled while queued for GPUs; nothing was trained")
                 return _result(store, run, run_dir, [])
+        from elmctl.track import live_mirror  # trackers mirror the store from a thread of this process (#14)
+
+        live = live_mirror(store.url, run.id, req.track, track_dir=req.track_dir,
+                           on_warning=(lambda m: on_event("warning: " + m)) if on_event else None)
         try:
             if plan.device == "cuda" and plan.in_process:  # CUDA is not initialised yet here: pin the GPU
                 os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
@@ -259,9 +265,10 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
                     if current.status in ("running", "queued"):
                         store.update_run(run.id, status="failed", error=f"torchrun exited with status {code}")
         finally:
+            live.close()  # the last pass: what is left, and the final status
             if lease is not None:
                 lease.release()
-        return _result(store, run, run_dir, warnings)
+        return _result(store, run, run_dir, warnings + live.warnings)
     finally:
         store.close()
 
