@@ -180,19 +180,10 @@ def run_info(run: Any, *, track_dir: str | Path | None, store_url: str | None, e
 def evaluation_metrics(store: Any, run_id: str) -> dict[str, float]:
     """Evaluation results of a run, ``eval/<task>/<metric>`` -> value, sent once the run has ended.
 
-    The one place that reads evaluations: when the store grows its evaluations table (``elmctl
-    eval``), a ``store.evaluations(run_id)`` returning records with task, metric and value is all
-    this needs; until then there are none.
+    The one place that reads evaluations (what ``elmctl eval`` recorded; the latest value of each
+    task/metric wins).
     """
-    read = getattr(store, "evaluations", None)
-    if read is None:
-        return {}
-    out = {}
-    for rec in read(run_id):
-        task, metric, value = (getattr(rec, a, None) for a in ("task", "metric", "value"))
-        if task is not None and metric is not None and value is not None:
-            out[f"eval/{task}/{metric}"] = float(value)
-    return out
+    return {f"eval/{r.task}/{r.metric}": float(r.value) for r in store.evaluations(run_id) if r.value is not None}
 
 
 class Mirror:

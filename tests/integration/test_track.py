@@ -151,26 +151,16 @@ def test_sync_twice_adds_nothing(tracked, cli):
 
 def test_end_status_and_evaluations_reach_the_tracker(env):
     """cancelled -> MLflow KILLED, diverged -> FAILED (tag elmctl.status exact); evaluation results
-    (the store's evaluations, when it has them) are sent once the run has ended."""
-    from types import SimpleNamespace
-
+    (the store's evaluations table, as `elmctl eval` writes it) are sent once the run has ended."""
     from elmctl.store import Store
     from elmctl.track import sync_runs
 
-    class WithEvals:  # the store as it will be with the eval engineer's evaluations table
-        def __init__(self, store):
-            self._s = store
-
-        def __getattr__(self, name):
-            return getattr(self._s, name)
-
-        def evaluations(self, run_id):
-            return [SimpleNamespace(task="arc_easy", metric="acc", value=0.5)]
-
     for status, mlflow_status in (("cancelled", "KILLED"), ("diverged", "FAILED")):
         fake = _fake_run(steps=3, status=status)
-        with Store() as s:
-            row = sync_runs(WithEvals(s), [fake.id], ["mlflow"])[0]
+        with Store() as s:  # what `elmctl eval RUN` records
+            s.add_evaluation(run_id=fake.id, model=fake.run_dir, step=3, name=None, limit=None, harness_version="0.4.13",
+                             items=[{"task": "arc_easy", "metric": "acc", "value": 0.5, "stderr": 0.01, "samples": 10}])
+            row = sync_runs(s, [fake.id], ["mlflow"])[0]
         assert row["sent"] == {"mlflow": 3} and not row["failed"]
         run = _mlflow_run(fake.id)
         assert run.info.status == mlflow_status and run.data.tags["elmctl.status"] == status
