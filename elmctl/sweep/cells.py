@@ -98,15 +98,15 @@ def _no_dups(values: list, flag: str) -> None:
 
 def parse_lrs(text: str | Sequence) -> tuple[float, ...]:
     """'1e-4,3e-4' -> (1e-4, 3e-4). Non-numeric, non-positive, non-finite or repeated -> UsageError."""
+    from elmctl.train.tune_launcher import check_lr
+
     values: list[float] = []
     for s in _split(text, "--lrs"):
         try:
             v = float(s)
         except ValueError:
             raise UsageError(f"--lrs: {s!r} is not a number", "learning rates look like 2e-5 or 0.001") from None
-        if not math.isfinite(v) or v <= 0 or v >= 1:
-            raise UsageError(f"--lrs: learning rate {s} must lie in (0, 1)", "e.g. --lrs 2e-5,3e-5,5e-5")
-        values.append(v)
+        values.append(check_lr(v, "--lrs: learning rate"))
     _no_dups(values, "--lrs")
     return tuple(values)
 

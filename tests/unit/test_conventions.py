@@ -22,8 +22,8 @@ PKG = Path(__file__).resolve().parents[2] / "elmctl"
 #: the CLI: the only code that may print, render or import typer/rich
 CLI = ("cli/", "__main__.py")
 #: (file, function) whose stdout is the process's contract: the torchrun worker's progress lines (the launcher
-#: tees them into train.log) and ``python -m elmctl.train.bench``'s JSON result
-PRINT_ALLOWED = {("train/worker.py", "main"), ("train/bench.py", "_main")}
+#: tees them into train.log) and the JSON result of its bench job
+PRINT_ALLOWED = {("train/worker.py", "main"), ("train/worker.py", "_train"), ("train/bench.py", "bench_main")}
 UI_MODULES = ("typer", "rich", "click")
 
 

@@ -15,7 +15,7 @@ from elmctl.sweep import cells as C
 from elmctl.sweep import study as S
 from elmctl.sweep.results import summarize
 from elmctl.sweep.scheduler import Slot, TrialProcess, plan_slots
-from elmctl.sweep.spec import SweepSpec, trial_command
+from elmctl.sweep.spec import SweepSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -194,16 +194,6 @@ def _spec(**kw):
     base = dict(recipe="tiny", base="/b", data="/d", lrs=(1e-3, 1e-4), epochs=(1, 2), loss="sigmoid", study="s",
                 storage_url="sqlite:///x.db", store_url="sqlite:///x.db")
     return SweepSpec(**{**base, **kw})
-
-
-def test_trial_command():
-    cmd = trial_command(_spec(overrides=("instruct.beta=0.2",)), C.Cell(1e-3, 2), Slot(0, (4, 5)), "abcd1234", 7, 29500)
-    assert cmd[1:4] == ["-m", "elmctl", "tune"]
-    joined = " ".join(cmd)
-    assert "--lr 0.001 --epochs 2" in joined and "--run-id abcd1234" in joined and "--gpus 2" in joined
-    assert "--trial-of s --trial-number 7" in joined and "--set instruct.beta=0.2" in joined
-    assert cmd[-2:] == ["--master-port", "29500"] and "sqlite" not in joined  # the store URL goes by env
-    assert "--device cpu" in " ".join(trial_command(_spec(), C.Cell(1e-3, 2), Slot(0, None), "r", 0))
 
 
 def test_summarize_shape():
