@@ -1,5 +1,5 @@
 """Options shared by `elmctl tune` and `elmctl tune-sweep` (see :mod:`elmctl.cli.tune`); their checks are
-:mod:`elmctl.train.tune_launcher`'s."""
+:mod:`elmctl.train.tune.launcher`'s."""
 
 from __future__ import annotations
 

@@ -108,8 +108,8 @@ def sweep_cmd(
     from elmctl.sweep.spec import SweepSpec
     from elmctl.train.metric_keys import METRIC_DIRECTIONS
     from elmctl.config.plan import tune_plan
-    from elmctl.train.tune_inputs import check_base, check_preference_data, resolve_base
-    from elmctl.train.tune_launcher import check_loss, plan_devices
+    from elmctl.train.tune.inputs import check_base, check_preference_data, resolve_base
+    from elmctl.train.tune.launcher import check_loss, plan_devices
 
     # every check happens here, before the study or any process exists
     rec = load_recipe(recipe, set_ or None)

@@ -57,7 +57,7 @@ def tune_cmd(
 
     Example: elmctl tune --recipe tiny --base my-pretrain --data demo/ --device cpu
     """
-    from elmctl.train.tune_launcher import TuneRequest, execute, prepare, record
+    from elmctl.train.tune.launcher import TuneRequest, execute, prepare, record
 
     req = TuneRequest(recipe=recipe, base=base, data=data, lr=lr, epochs=epochs, loss=loss, gpus=gpus, device=device,
                       nproc=nproc, name=name, store=store, overrides=list(set_ or []), precompute_ref=precompute_ref,
@@ -77,7 +77,7 @@ def tune_cmd(
     if not quiet and plan.world > 1 and req.resume_from:  # in-process, run_tune's own log lines say it
         from rich.markup import escape
 
-        from elmctl.train.tune_resume import describe
+        from elmctl.train.tune.resume import describe
 
         for note in run.resume_notes:
             err.print(f"[yellow]resume: {escape(note)}[/]", highlight=False)

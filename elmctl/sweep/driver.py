@@ -5,12 +5,12 @@ Loop (one process, one thread):
    are retried) and clean up their store runs and stray processes;
 2. while a slot is free and a cell is pending: claim the cell (trial RUNNING, see
    :func:`elmctl.sweep.study.claim_cell`), record a ``tune`` run for it in the store, let
-   :func:`elmctl.train.tune_launcher.record` write its run folder (the sweep's plan, prepared once,
+   :func:`elmctl.train.tune.launcher.record` write its run folder (the sweep's plan, prepared once,
    with the cell's lr and epochs), lock the slot's GPUs and start the worker entry point on the
    slot (``python -m elmctl.train.worker tune RUN_DIR``; under torchrun on a port the driver picks
    for several GPUs per trial). A retried cell's earlier attempts that recorded a checkpoint are
    its resume candidates and the trial continues from the first compatible one
-   (:mod:`elmctl.sweep.resume` lists them, :mod:`elmctl.train.tune_resume` picks; the choice lands
+   (:mod:`elmctl.sweep.resume` lists them, :mod:`elmctl.train.tune.resume` picks; the choice lands
    in the trial's user attrs ``resumed_from`` or ``resume_skipped`` and in the live view);
 3. every ``poll_s``: read each running trial's per-epoch metrics from the store (the trial writes
    ``epoch`` plus ``eval_loss``/``reward_accuracy``/``reward_margin`` at the same step) and report
@@ -260,7 +260,7 @@ class SweepDriver:
         self.active[trial.number] = a
         try:
             # the trial's run folder and resume choice, written here; then its worker starts on the slot
-            from elmctl.train.tune_launcher import record, worker_command
+            from elmctl.train.tune.launcher import record, worker_command
 
             recorded = record(self._trial_plan(slot, cell, run.id, trial.number, candidates))
             if slot.devices is not None:
@@ -285,11 +285,11 @@ class SweepDriver:
         self.on_event("started", view)
 
     def _trial_plan(self, slot: Slot, cell: C.Cell, run_id: str, number: int, candidates: list[str]):
-        """The trial's :class:`~elmctl.train.tune_launcher.TunePlan`: the sweep's plan (prepared once, at
+        """The trial's :class:`~elmctl.train.tune.launcher.TunePlan`: the sweep's plan (prepared once, at
         the first trial: recipe, base, data and batch checked) on this slot, for this cell."""
         from dataclasses import replace
 
-        from elmctl.train.tune_launcher import TuneRequest, for_cell, prepare
+        from elmctl.train.tune.launcher import TuneRequest, for_cell, prepare
 
         if self._plan is None:
             spec, first = self.spec, self.slots[0]

@@ -3,10 +3,10 @@
 When the driver starts another attempt of a cell, the earlier attempts of that cell (failed,
 interrupted, orphaned) that recorded a checkpoint in the store are the candidates, most trained
 first (then newest) (:func:`resume_candidates`, pure). They become the trial's
-``TuneRequest.resume_from``; :func:`elmctl.train.tune_launcher.record` verifies them against the
+``TuneRequest.resume_from``; :func:`elmctl.train.tune.launcher.record` verifies them against the
 trial's identity and batch plan and picks one before the trial's worker starts.
 
-The trial side (verify, check compatibility, choose, restore) is :mod:`elmctl.train.tune_resume`.
+The trial side (verify, check compatibility, choose, restore) is :mod:`elmctl.train.tune.resume`.
 The choice is written to the trial's run record (``config.resumed_from`` or
 ``config.resume_skipped``); the driver copies it to the Optuna trial's user attrs.
 """

@@ -1,7 +1,7 @@
 """What a sweep is (:class:`SweepSpec`).
 
 Part of the ``tune-sweep`` driver (:mod:`elmctl.sweep.driver`): the CLI validates the flags into
-a :class:`SweepSpec`; the driver prepares each trial from it (:mod:`elmctl.train.tune_launcher`).
+a :class:`SweepSpec`; the driver prepares each trial from it (:mod:`elmctl.train.tune.launcher`).
 """
 
 from __future__ import annotations

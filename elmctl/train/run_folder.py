@@ -25,13 +25,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Union
 
-__all__ = ["PretrainOptions", "TuneOptions", "Options", "write", "write_options", "read", "read_options",
+__all__ = ["LaunchRequest", "PretrainOptions", "TuneOptions", "Options", "write", "write_options", "read", "read_options",
            "is_run_folder", "RunLog", "recording"]
 
 
 @dataclass
+class LaunchRequest:
+    """What every launch asks for (the flags ``pretrain`` and ``tune`` share); each job's request adds
+    its own, and its launcher turns the request into the run folder's options."""
+
+    recipe: str | None = None  # id or YAML path
+    gpus: str | None = None  # --gpus as typed: a count, 'all' or indices
+    device: str | None = None  # cuda (default) or cpu
+    nproc: int | None = None  # CPU processes (gloo)
+    name: str | None = None
+    store: str | None = None  # store URL (default: $ELMCTL_STORE, else the home's SQLite file)
+    overrides: list[str] = field(default_factory=list)  # --set KEY=VALUE
+    gpu_mem: float | None = None  # GiB per GPU to plan for (default: the GPUs found, else an H100's 80)
+    dry_run: bool = False  # plan only: GPUs this machine lacks are planned for, not refused
+
+
+@dataclass
 class PretrainOptions:
-    """How a pre-training run trains: what ``elmctl pretrain`` planned (:mod:`elmctl.train.launcher`)."""
+    """How a pre-training run trains: what ``elmctl pretrain`` planned (:mod:`elmctl.train.pretrain.launcher`)."""
 
     job: ClassVar[str] = "pretrain"
 
@@ -56,7 +72,7 @@ class PretrainOptions:
 
 @dataclass
 class TuneOptions:
-    """How a tune run (or a sweep trial) trains: what :mod:`elmctl.train.tune_launcher` prepared."""
+    """How a tune run (or a sweep trial) trains: what :mod:`elmctl.train.tune.launcher` prepared."""
 
     job: ClassVar[str] = "tune"
 
@@ -75,9 +91,9 @@ class TuneOptions:
     precompute_ref: bool = False
     study: str | None = None  # a sweep trial: its study and trial number
     trial: int | None = None
-    identity: dict[str, Any] | None = None  # :func:`elmctl.train.tune_resume.trial_identity`
+    identity: dict[str, Any] | None = None  # :func:`elmctl.train.tune.resume.trial_identity`
     resume_from: list[str] = field(default_factory=list)  # candidate runs to continue from
-    resume: dict[str, Any] | None = None  # the chosen :class:`~elmctl.train.tune_resume.ResumePoint`
+    resume: dict[str, Any] | None = None  # the chosen :class:`~elmctl.train.tune.resume.ResumePoint`
     resume_notes: list[str] = field(default_factory=list)  # why candidates were passed over
 
 

@@ -84,11 +84,11 @@ def _train(job: str, run_dir: str) -> int:
     with stop_on_signals(escalate=False) as should_stop:
         try:
             if job == "pretrain":
-                from elmctl.train.pretrain import run_pretrain
+                from elmctl.train.pretrain.run import run_pretrain
 
                 result = run_pretrain(run_dir, should_stop=should_stop, on_event=say, log_path=None)
             else:
-                from elmctl.train.tune import run_tune
+                from elmctl.train.tune.run import run_tune
 
                 result = run_tune(run_dir, should_stop=should_stop)
         except KeyboardInterrupt:  # the second signal; the run recorded itself cancelled
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     job, rest = argv[0], argv[1:]
     try:
         if job == "bench":
-            from elmctl.train.bench import bench_main
+            from elmctl.train.tools.bench import bench_main
 
             return bench_main(rest)
         return _train(job, rest[0])

@@ -239,7 +239,7 @@ def tune_assets(tmp_path_factory, tune_assets_factory):
 def _tune_trial(assets, run_id):
     """What the sweep driver does for a trial run it recorded: prepare and record (claim) it; the refusal."""
     from elmctl.errors import UsageError
-    from elmctl.train.tune_launcher import TuneRequest, prepare, record
+    from elmctl.train.tune.launcher import TuneRequest, prepare, record
 
     plan = prepare(TuneRequest(recipe="tiny", overrides=["model.num_layers=2"], base=str(assets / "base"),
                                data=str(assets / "prefs"), device="cpu", epochs=1, run_id=run_id))

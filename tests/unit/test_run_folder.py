@@ -53,7 +53,7 @@ def test_folders_written_before_typed_options_still_read(tmp_path):
 
 
 def test_worker_command_is_the_one_entry_point():
-    from elmctl.train.tune_launcher import worker_command
+    from elmctl.train.tune.launcher import worker_command
 
     one = SimpleNamespace(plan=SimpleNamespace(world=1), run_dir="/runs/r1")
     assert worker_command(one) == [sys.executable, "-m", "elmctl.train.worker", "tune", "/runs/r1"]
@@ -91,7 +91,7 @@ def test_first_signal_stops_second_raises_in_process_only():
 def test_check_lr_is_the_one_range_check():
     from elmctl.errors import UsageError
     from elmctl.sweep.cells import parse_lrs
-    from elmctl.train.tune_launcher import check_lr
+    from elmctl.train.tune.launcher import check_lr
 
     assert check_lr(3e-5) == 3e-5
     for bad in (0.0, 1.0, float("nan"), -1e-3):

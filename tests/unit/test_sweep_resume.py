@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from elmctl.sweep import resume as R
-from elmctl.train import tune_resume as T
+from elmctl.train.tune import resume as T
 from elmctl.sweep.cells import Cell, cell_of
 
 

@@ -2,11 +2,11 @@
 
 A tune run is a run folder like a pre-training run (``recipe.json``, ``options.json`` holding
 :class:`~elmctl.train.run_folder.TuneOptions`, ``train.log``, ``checkpoints/``), prepared and
-recorded by :mod:`elmctl.train.tune_launcher`; :func:`run_tune` trains it, in-process for one
+recorded by :mod:`elmctl.train.tune.launcher`; :func:`run_tune` trains it, in-process for one
 process or in ``python -m elmctl.train.worker tune <run_dir>`` (alone, or under torchrun).
 
 - Policy: an OpenELM built from the recipe, loaded from the base (a checkpoint folder or an Apple
-  HF folder; see :func:`~elmctl.train.tune_inputs.resolve_base`). Reference: a frozen copy of the
+  HF folder; see :func:`~elmctl.train.tune.inputs.resolve_base`). Reference: a frozen copy of the
   base (TRL's default), or, with ``precompute_ref``, its log-probs computed once up front and the
   copy dropped.
 - Sharding: ``instruct.sharding`` zero3/fsdp on several processes shards the policy (parameters,
@@ -20,8 +20,8 @@ process or in ``python -m elmctl.train.worker tune <run_dir>`` (alone, or under 
   recipe seed and the epoch); the data position is the step count.
 - Schedule: linear warm-up over ceil(warmup_ratio x total steps), then cosine to 0 (HF); AdamW
   with the recipe's weight decay (0 in Table 10) and default betas.
-- Resume: ``opt.resume`` (picked and verified by :func:`elmctl.train.tune_launcher.record`, see
-  :mod:`elmctl.train.tune_resume`) is an earlier attempt's checkpoint with the same identity and batch
+- Resume: ``opt.resume`` (picked and verified by :func:`elmctl.train.tune.launcher.record`, see
+  :mod:`elmctl.train.tune.resume`) is an earlier attempt's checkpoint with the same identity and batch
   plan. Weights, AdamW state, data position and RNG are restored, the source run's metrics up to that
   step are copied into this run (its curves and per-epoch rows are whole), and training continues at
   the next step: the steps, batches and learning rates of an uninterrupted run.
@@ -35,9 +35,9 @@ process or in ``python -m elmctl.train.worker tune <run_dir>`` (alone, or under 
   ``ELMCTL_INJECT_FAILURE=1`` fails at start; ``ELMCTL_INJECT_FAILURE=epoch:E`` SIGKILLs the process
   right after epoch E's checkpoint is durable (a crash with no status written, like an OOM kill).
 
-The pieces: :mod:`elmctl.train.tune_inputs` (base weights and preference data, resolved and
-checked), :mod:`elmctl.train.tune_batches` (pair batches, collation),
-:mod:`elmctl.train.tune_resume` (restoring a resume point); this module holds the objective, the
+The pieces: :mod:`elmctl.train.tune.inputs` (base weights and preference data, resolved and
+checked), :mod:`elmctl.train.tune.batches` (pair batches, collation),
+:mod:`elmctl.train.tune.resume` (restoring a resume point); this module holds the objective, the
 evaluation and the run itself.
 """
 
@@ -59,9 +59,9 @@ from elmctl.train import dist as D
 from elmctl.train.dpo import dpo_losses, preference_metrics, sequence_logps, sft_loss, split_pair_logps
 from elmctl.train.loop import to_device
 from elmctl.train.metric_keys import EVAL_KEYS
-from elmctl.train.tune_batches import PairBatches, collate
-from elmctl.train.tune_inputs import load_base_weights
-from elmctl.train.tune_resume import load_resume_point
+from elmctl.train.tune.batches import PairBatches, collate
+from elmctl.train.tune.inputs import load_base_weights
+from elmctl.train.tune.resume import load_resume_point
 
 __all__ = ["make_objective", "run_tune", "TuneResult"]
 
@@ -232,7 +232,7 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
             ostate = D.optimizer_state(runner, optimizer)
             rngs = D.gather_objects(D.rng_state())
             if info.is_main:
-                # `resume` + the batch plan are what elmctl.train.tune_resume.compare checks before a resume
+                # `resume` + the batch plan are what elmctl.train.tune.resume.compare checks before a resume
                 meta = {"world_size": info.world_size, "global_batch": batches.global_batch, "micro_batch": micro,
                         "grad_accumulation": accum, "recipe_id": recipe.id, "run_id": run_id, "kind": "tune",
                         "epoch": step // spe, "steps_per_epoch": spe, "resume": opt.identity}

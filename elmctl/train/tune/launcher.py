@@ -1,12 +1,12 @@
 """What `elmctl tune` and every tune-sweep trial do, minus the printing: plan, record, launch, finish.
 
-The shape of :mod:`elmctl.train.launcher` (pre-training), in three calls:
+The shape of :mod:`elmctl.train.pretrain.launcher` (pre-training), in three calls:
 
 - :func:`prepare` resolves the recipe, learning rate, epochs, loss, devices and batch plan and,
   unless it is a dry run, checks the base weights and the preference data. It writes nothing:
   ``tune --dry-run`` is this call alone.
 - :func:`record` creates the run in the store (or, for a sweep trial, claims the run its driver
-  created), chooses the resume point among ``resume_from`` (:mod:`elmctl.train.tune_resume`) and
+  created), chooses the resume point among ``resume_from`` (:mod:`elmctl.train.tune.resume`) and
   writes the typed run folder (:class:`~elmctl.train.run_folder.TuneOptions`).
 - :func:`execute` trains the recorded run: in this process for one process, else under torchrun on
   the worker entry point (:func:`worker_command`), holding the GPU locks; it returns the result
@@ -27,31 +27,22 @@ from typing import Any, Callable
 from elmctl.config.schema import TUNE_LOSSES
 from elmctl.errors import UsageError
 from elmctl.train import run_folder
-from elmctl.train.run_folder import TuneOptions
+from elmctl.train.run_folder import LaunchRequest, TuneOptions
 
 __all__ = ["TuneRequest", "TunePlan", "TuneRun", "prepare", "record", "execute", "worker_command", "check_loss",
            "check_lr", "plan_devices"]
 
 
 @dataclass
-class TuneRequest:
+class TuneRequest(LaunchRequest):
     """One tune run as asked for (``elmctl tune`` flags, or a sweep trial's cell and slot)."""
 
-    recipe: str
     base: str | None = None
     data: str | None = None
     lr: float | None = None  # default: the recipe's (Table 10)
     epochs: int | None = None
     loss: str | None = None
-    gpus: str | None = None
-    device: str | None = None
-    nproc: int | None = None
-    name: str | None = None
-    store: str | None = None
-    overrides: list[str] = field(default_factory=list)
     precompute_ref: bool = False
-    gpu_mem: float | None = None
-    dry_run: bool = False
     resume_from: list[str] = field(default_factory=list)  # earlier runs to continue from, best first
     # a sweep trial: the run its driver recorded, and the study and trial it belongs to
     run_id: str | None = None
@@ -143,8 +134,10 @@ def prepare(req: TuneRequest, store=None) -> TunePlan:
     """
     from elmctl.config import load_recipe
     from elmctl.config.plan import tune_plan
-    from elmctl.train.tune_inputs import check_base, check_preference_data, resolve_base
+    from elmctl.train.tune.inputs import check_base, check_preference_data, resolve_base
 
+    if not req.recipe:
+        raise UsageError("--recipe is required", hint="e.g. --recipe tiny (see: elmctl recipe list)")
     rec = load_recipe(req.recipe, req.overrides or None)
     lr = check_lr(rec.instruct.lr if req.lr is None else req.lr)
     epochs = rec.instruct.epochs if req.epochs is None else req.epochs
@@ -190,7 +183,7 @@ def record(plan: TunePlan) -> TuneRun:
     Raises:
         UsageError: the trial run is taken or has ended; a run name already used.
     """
-    from elmctl.train import tune_resume as R
+    from elmctl.train.tune import resume as R
 
     req, rec, st, bp = plan.req, plan.recipe, plan.store, plan.batch
     micro, accum = bp.micro_batch, bp.grad_accumulation
@@ -269,7 +262,7 @@ def _in_process(run: TuneRun, on_event) -> None:
     if gpus:
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[0])  # before CUDA initialises
-    from elmctl.train.tune import run_tune
+    from elmctl.train.tune.run import run_tune
 
     lease = None
     try:

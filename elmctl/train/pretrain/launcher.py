@@ -12,42 +12,33 @@ import os
 import re
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from elmctl.errors import RuntimeFailure, UsageError
 from elmctl.train import run_folder
-from elmctl.train.run_folder import PretrainOptions
+from elmctl.train.run_folder import LaunchRequest, PretrainOptions
 
 __all__ = ["PretrainRequest", "prepare", "execute"]
 
 
 @dataclass
-class PretrainRequest:
-    recipe: str | None = None
+class PretrainRequest(LaunchRequest):
     data: str | None = None
-    gpus: str | None = None
-    device: str | None = None
-    nproc: int | None = None
     max_steps: int | None = None
     micro_batch: int | None = None
     checkpoint_every: int | None = None
     eval_every: int | None = None
     log_every: int | None = None
-    overrides: list[str] = field(default_factory=list)
-    name: str | None = None
     resume: str | None = None
     allow_topology_change: bool = False
     compile: bool = True
     wait: bool = False
-    store: str | None = None
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None
     slurm: bool = False
-    gpu_mem: float | None = None  # GiB per GPU to plan for (default: the GPUs found, else an H100's 80)
-    dry_run: bool = False  # plan only: GPUs this machine lacks are planned for, not refused
 
 
 def _resolve_devices(req: PretrainRequest, saved: PretrainOptions | None):
@@ -80,7 +71,7 @@ def prepare(req: PretrainRequest):
     """Resolve recipe, data and devices into a plan. Writes nothing. Returns (plan, recipe)."""
     from elmctl.config import load_recipe
     from elmctl.data import resolve_data_dir
-    from elmctl.train.plan import make_plan
+    from elmctl.train.pretrain.plan import make_plan
 
     saved: PretrainOptions | None = None
     run_dir = "<ELMCTL_HOME>/runs/<new run id>"
@@ -145,7 +136,7 @@ def _check_vocab(data_dir: str, recipe) -> None:
 
 def _check_topology(req: PretrainRequest, plan) -> None:
     from elmctl.train.checkpoint import find_resumable
-    from elmctl.train.plan import topology_diff
+    from elmctl.train.pretrain.plan import topology_diff
 
     try:
         info, _ = find_resumable(plan.run_dir)
@@ -346,7 +337,7 @@ def _devices(plan) -> str:
 
 
 def _run_in_process(run_dir: Path, store_url: str, on_log, on_event):
-    from elmctl.train.pretrain import run_pretrain
+    from elmctl.train.pretrain.run import run_pretrain
     from elmctl.train.worker import stop_on_signals
 
     def stopping() -> None:

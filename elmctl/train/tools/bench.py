@@ -25,7 +25,6 @@ from elmctl.train import dist as D
 from elmctl.train.loop import make_train_step
 from elmctl.train.objectives import lm_objective
 from elmctl.train.optim import build_adamw
-from elmctl.train.pretrain import gpu_peak_flops
 
 __all__ = ["run_bench"]
 
@@ -46,7 +45,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Time ``steps`` optimizer steps after ``warmup`` (compile happens in the first warm-up step).
 
-    With ``profile_dir``, ``profile_steps`` more steps then run under the profiler (elmctl/train/profile.py);
+    With ``profile_dir``, ``profile_steps`` more steps then run under the profiler (elmctl/train/tools/profile.py);
     the result gains a ``profile`` entry (time per category, top kernels, trace path).
     """
     from elmctl.model import OpenELM
@@ -103,7 +102,7 @@ def run_bench(
         raise RuntimeError(f"bench produced a non-finite loss: first {first_loss}, last {last_loss}")
     profiled = None
     if profile_dir:
-        from elmctl.train.profile import profile_steps as run_profiled
+        from elmctl.train.tools.profile import profile_steps as run_profiled
 
         def one(i: int) -> None:
             step([pool[(i + j) % 4] for j in range(grad_accumulation)], lr)
@@ -113,7 +112,7 @@ def run_bench(
     tokens_per_step = micro * T * grad_accumulation * info.world_size
     tokens_per_s = tokens_per_step / step_s
     fpt = flops_per_token(m, T)
-    peak = gpu_peak_flops(dev)
+    peak = D.gpu_peak_flops(dev)
     mem_gib = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     mems = D.gather_objects(mem_gib)
     result = {

@@ -1,8 +1,8 @@
 """Continuing a tune run from an earlier attempt's checkpoint (the trial side of a resume).
 
-Part of :mod:`elmctl.train.tune`. The sweep driver names the candidates
+Part of the tune job (:mod:`elmctl.train.tune`). The sweep driver names the candidates
 (:func:`elmctl.sweep.resume.resume_candidates`), a user names them with ``elmctl tune
---resume-from``; :func:`elmctl.train.tune_launcher.record` picks one here:
+--resume-from``; :func:`elmctl.train.tune.launcher.record` picks one here:
 
 - :func:`choose`: the first candidate whose newest checkpoint verifies
   (:func:`elmctl.train.checkpoint.find_resumable`: per-file sha256 against the manifest and against
@@ -29,7 +29,7 @@ from elmctl.errors import RuntimeFailure, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from elmctl.train.run_folder import TuneOptions
-    from elmctl.train.tune_batches import PairBatches
+    from elmctl.train.tune.batches import PairBatches
 
 __all__ = ["ResumePoint", "trial_identity", "topology", "compare", "choose", "describe", "load_resume_point",
            "copy_history"]
