@@ -273,6 +273,7 @@ class SweepDriver:
         except Exception as exc:  # noqa: BLE001 - the trial could not start (run taken or ended, GPU busy, disk full)
             why = exc.message if isinstance(exc, ElmctlError) else f"{type(exc).__name__}: {exc}"
             try:
+                os.makedirs(run.run_dir, exist_ok=True)
                 with open(log_path, "a") as f:
                     f.write(f"not started: {why}\n")
             except OSError:
@@ -296,7 +297,8 @@ class SweepDriver:
             self._plan = prepare(TuneRequest(
                 recipe=spec.recipe, base=spec.base, data=spec.data, lr=cell.lr, epochs=cell.epochs, loss=spec.loss,
                 device="cpu" if first.devices is None else None, store=spec.store_url, overrides=list(spec.overrides),
-                gpus=None if first.devices is None else ",".join(map(str, first.devices)),
+                # a count, as each trial sees only its slot's GPUs; the slot's own indices replace the pick
+                gpus=None if first.devices is None else str(len(first.devices)),
                 precompute_ref=spec.precompute_ref), store=self.store)
         plan = for_cell(self._plan, lr=cell.lr, epochs=cell.epochs)
         return replace(plan, gpus=list(slot.devices or []),

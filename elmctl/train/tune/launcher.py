@@ -61,7 +61,7 @@ class TunePlan:
     loss: str
     gpus: list[int]  # [] on the CPU
     world: int  # processes
-    batch: Any  # elmctl.config.plan.TunePlan: micro-batch, accumulation, memory
+    batch: Any  # elmctl.config.plan.BatchPlan: micro-batch, accumulation, memory
     planned: str | None = None  # "planned for N GPUs this machine lacks" (dry run)
     base: Any = None  # elmctl.train.weights.ModelSource (not resolved in a dry run)
     data_dir: Path | None = None
