@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Iterator, Union
 
-__all__ = ["LaunchRequest", "PretrainOptions", "TuneOptions", "Options", "write", "write_options", "read", "read_options",
+from elmctl.errors import UsageError
+
+__all__ = ["LaunchRequest", "PretrainOptions", "TuneOptions", "Options", "write", "write_options", "read", "read_options", "read_recipe",
            "is_run_folder", "RunLog", "recording"]
 
 
@@ -114,7 +116,13 @@ def from_dict(job: str, data: dict[str, Any]) -> Options:
         data["resume_from"] = [r for r in (data.get("resume_from") or "").split(",") if r] \
             if not isinstance(data.get("resume_from"), list) else data["resume_from"]
         data["resume_notes"] = list(data.get("resume_notes") or [])
-    known = {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise UsageError(f"options.json of this {job} run lacks {', '.join(missing)}",
+                         hint="the run folder is damaged or was not written by elmctl; it cannot be resumed")
+    known = {f.name for f in fields}
     return cls(**{k: v for k, v in data.items() if k in known})
 
 
@@ -132,18 +140,35 @@ def write_options(run_dir: str | Path, options: Options) -> None:
 
 
 def read_options(run_dir: str | Path) -> Options:
-    """The typed options of the run in ``run_dir``."""
-    data = json.loads((Path(run_dir) / "options.json").read_text())
+    """The typed options of the run in ``run_dir``.
+
+    Raises:
+        UsageError: options.json is not a JSON object, names an unknown job or lacks a field.
+    """
+    path = Path(run_dir) / "options.json"
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UsageError(f"{path}: not valid JSON ({exc})", hint="the run folder is damaged; it cannot be resumed") from None
+    if not isinstance(data, dict) or data.get("job", "pretrain") not in _JOBS:
+        raise UsageError(f"{path}: not the options of an elmctl run", hint="the run folder is damaged; it cannot be resumed")
     job = data.pop("job", None) or ("tune" if "base_kind" in data else "pretrain")
-    return from_dict(job, data)
+    try:
+        return from_dict(job, data)
+    except UsageError as exc:
+        raise UsageError(f"{path}: {exc.message}", hint=exc.hint) from None
+
+
+def read_recipe(run_dir: str | Path):
+    """The resolved recipe of the run in ``run_dir``."""
+    from elmctl.config.schema import Recipe
+
+    return Recipe.model_validate(json.loads((Path(run_dir) / "recipe.json").read_text()))
 
 
 def read(run_dir: str | Path):
     """(recipe, options) of the run in ``run_dir``."""
-    from elmctl.config.schema import Recipe
-
-    recipe = Recipe.model_validate(json.loads((Path(run_dir) / "recipe.json").read_text()))
-    return recipe, read_options(run_dir)
+    return read_recipe(run_dir), read_options(run_dir)
 
 
 def is_run_folder(run_dir: str | Path) -> bool:

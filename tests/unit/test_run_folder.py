@@ -99,3 +99,14 @@ def test_check_lr_is_the_one_range_check():
             check_lr(bad)
     with pytest.raises(UsageError, match=r"--lrs: learning rate 1: must lie in \(0, 1\)"):
         parse_lrs("1e-3,1")
+
+
+@pytest.mark.parametrize("text, said", [("{not json", "not valid JSON"), ("[1]", "not the options of an elmctl run"),
+                                        ('{"job": "eval"}', "not the options of an elmctl run"),
+                                        ('{"run_id": "r1"}', "lacks data_dir, device")])
+def test_damaged_options_are_an_input_error(tmp_path, text, said):
+    from elmctl.errors import UsageError
+
+    (tmp_path / "options.json").write_text(text)
+    with pytest.raises(UsageError, match=said):
+        run_folder.read_options(tmp_path)
