@@ -55,7 +55,7 @@ class LiveView:
 
             self.err.print(f"[yellow]{safe_markup(view)}[/]")
         elif kind == "resumed":
-            from elmctl.train.tune_resume import describe
+            from elmctl.train.tune.resume import describe
 
             self.err.print(f"trial {view.number} lr {view.cell.lr:g} epochs {view.cell.epochs} on {view.slot}: "
                            f"resumed from {describe(view.resumed_from)}", highlight=False)
@@ -152,7 +152,7 @@ def print_summary(out, result: dict[str, Any]) -> None:
                   f"the OpenELM sizes): lr {paper.get('lr'):g}, {paper.get('epochs')} epochs, {paper.get('loss')}")
     else:
         out.print("no cell completed yet")
-    from elmctl.train.tune_resume import describe
+    from elmctl.train.tune.resume import describe
 
     for tr in result["trials"]:
         if tr.get("resumed_from"):

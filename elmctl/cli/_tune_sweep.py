@@ -16,7 +16,7 @@ import typer
 from elmctl.cli._common import MAX_PROCS, Format, FormatOpt, SetOpt, StoreOpt, console, emit_json, safe_markup
 from elmctl.cli._sweep_view import LiveView, print_summary
 from elmctl.cli._track_opts import TrackDirOpt, TrackOpt, trackers, warning_printer
-from elmctl.cli._tune_opts import BaseOpt, DataOpt, DeviceOpt, LossOpt, PrecomputeOpt, RecipeOpt, check_loss, select_devices
+from elmctl.cli._tune_opts import BaseOpt, DataOpt, DeviceOpt, LossOpt, PrecomputeOpt, RecipeOpt
 from elmctl.errors import RuntimeFailure, UsageError
 from elmctl.store import NAME_RULE
 
@@ -111,7 +111,8 @@ def sweep_cmd(
     from elmctl.sweep.spec import SweepSpec
     from elmctl.train.metric_keys import METRIC_DIRECTIONS
     from elmctl.config.plan import tune_plan
-    from elmctl.train.tune_inputs import check_base, check_preference_data, resolve_base
+    from elmctl.train.tune.inputs import check_base, check_preference_data, resolve_base
+    from elmctl.train.tune.launcher import check_loss, plan_devices
 
     # every check happens here, before the study or any process exists
     rec = load_recipe(recipe, set_ or None)
@@ -153,7 +154,7 @@ def sweep_cmd(
     elif slurm:  # the nodes' GPUs, not this (login) machine's
         slots = plan_slots(device="cuda", gpus=range(gpus_per_node), gpus_per_trial=gpus_per_trial)
     else:
-        slots = plan_slots(device="cuda", gpus=select_devices(gpus or "all", device), gpus_per_trial=gpus_per_trial)
+        slots = plan_slots(device="cuda", gpus=plan_devices(gpus or "all", device)[0], gpus_per_trial=gpus_per_trial)
     tune_plan(rec, 1 if device == "cpu" else gpus_per_trial, on_gpu=False)  # the batch splits (UsageError if not)
     # trials get the resolved folder: every cell starts from the same weights even if the base run
     # writes newer checkpoints meanwhile

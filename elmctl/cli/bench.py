@@ -83,9 +83,9 @@ def bench_cmd(
         args += ["--device", "cuda" if indices else "cpu", "--json-out", out]
         nproc = len(indices) if indices else (nproc or 1)
         if nproc == 1:
-            cmd = [sys.executable, "-m", "elmctl.train.bench", *args]
+            cmd = [sys.executable, "-m", "elmctl.train.worker", "bench", *args]
         else:
-            cmd = torchrun.build_command(nproc, ["elmctl.train.bench", *args])
+            cmd = torchrun.build_command(nproc, ["elmctl.train.worker", "bench", *args])
         env = torchrun.build_env(indices, nproc=nproc)
         lease = locks.acquire(indices, "bench") if indices else None
         try:

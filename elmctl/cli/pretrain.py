@@ -48,7 +48,7 @@ def pretrain(
 
     Example: elmctl pretrain --recipe tiny --device cpu --data demo
     """
-    from elmctl.train.launcher import PretrainRequest, execute, prepare
+    from elmctl.train.pretrain.launcher import PretrainRequest, execute, prepare
 
     req = PretrainRequest(
         recipe=recipe, data=data, gpus=gpus, device=device, nproc=nproc, max_steps=max_steps,

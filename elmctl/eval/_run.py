@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any

@@ -12,7 +12,7 @@ A local launch, in order::
 
     gpus = select(args.gpus, discover(), device=args.device, busy=holders())
     with acquire(gpus, run.id, wait=args.wait, on_wait=lambda h: store.set_status(run.id, "queued")) as lease:
-        cmd = build_command(len(gpus), ["elmctl.train.worker", "--run", run.id])
+        cmd = build_command(len(gpus), ["elmctl.train.worker", "pretrain", run.run_dir])
         code = run_supervised(cmd, build_env(gpus, nproc=len(gpus)), log, pass_fds=lease.fds)
 """
 

@@ -10,7 +10,7 @@ c10d by default (sbatch: every node runs the same line, ranks come from the rend
 holding global rank 1; static honours it (node 0 hosts the store at the endpoint).
 
     python -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node=8 \
-        -m elmctl.train.worker --run-dir experiments/runs/ab12cd34
+        -m elmctl.train.worker pretrain experiments/runs/ab12cd34
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def build_command(
 
     Args:
         nproc: processes on this node (one per GPU, or CPU processes with gloo).
-        module_args: the module to run and its arguments, e.g. ``["elmctl.train.worker", "--run", id]``.
+        module_args: the module to run and its arguments, e.g. ``["elmctl.train.worker", "tune", run_dir]``.
         nnodes: number of nodes; above 1 needs ``rdzv_endpoint`` (``host:port`` of the head node).
         node_rank: this node's rank (None leaves it to the c10d rendezvous, as in sbatch scripts).
         rdzv_id: rendezvous id shared by the nodes of one job (e.g. the run id).

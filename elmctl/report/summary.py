@@ -314,7 +314,7 @@ def _reason(t, per_epoch: list[dict[str, Any]], run) -> str | None:
         detail = ua.get("fail_detail") or (run.error if run is not None else None)
         return f"{why}: {detail}" if detail else why
     if ua.get("resumed_from"):
-        from elmctl.train.tune_resume import describe
+        from elmctl.train.tune.resume import describe
 
         return "resumed from " + describe(ua["resumed_from"])
     return None

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from elmctl.errors import UsageError
 
@@ -96,34 +96,35 @@ def _no_dups(values: list, flag: str) -> None:
         raise UsageError(f"{flag}: repeated values {dups}", "each grid value may appear once")
 
 
-def parse_lrs(text: str | Sequence) -> tuple[float, ...]:
-    """'1e-4,3e-4' -> (1e-4, 3e-4). Non-numeric, non-positive, non-finite or repeated -> UsageError."""
-    values: list[float] = []
-    for s in _split(text, "--lrs"):
+def _parse_grid(text: str | Sequence, flag: str, hint: str, check: Callable[[str, float], Any]) -> tuple:
+    """Comma-separated numbers, each through ``check(as typed, value)``; non-numbers or repeats -> UsageError."""
+    values = []
+    for s in _split(text, flag):
         try:
             v = float(s)
         except ValueError:
-            raise UsageError(f"--lrs: {s!r} is not a number", "learning rates look like 2e-5 or 0.001") from None
-        if not math.isfinite(v) or v <= 0 or v >= 1:
-            raise UsageError(f"--lrs: learning rate {s} must lie in (0, 1)", "e.g. --lrs 2e-5,3e-5,5e-5")
-        values.append(v)
-    _no_dups(values, "--lrs")
+            raise UsageError(f"{flag}: {s!r} is not a number", hint) from None
+        values.append(check(s, v))
+    _no_dups(values, flag)
     return tuple(values)
+
+
+def parse_lrs(text: str | Sequence) -> tuple[float, ...]:
+    """'1e-4,3e-4' -> (1e-4, 3e-4). Non-numeric, non-positive, non-finite or repeated -> UsageError."""
+    from elmctl.train.tune.launcher import check_lr
+
+    return _parse_grid(text, "--lrs", "learning rates look like 2e-5 or 0.001",
+                       lambda s, v: check_lr(v, "--lrs: learning rate"))
 
 
 def parse_epochs(text: str | Sequence) -> tuple[int, ...]:
     """'3,5' -> (3, 5). Non-integers, values < 1 or repeated -> UsageError."""
-    values: list[int] = []
-    for s in _split(text, "--epochs"):
-        try:
-            f = float(s)
-        except ValueError:
-            raise UsageError(f"--epochs: {s!r} is not a number", "epochs are whole numbers, e.g. --epochs 3,5") from None
-        if not f.is_integer() or f < 1:
+    def whole(s: str, v: float) -> int:
+        if not v.is_integer() or v < 1:
             raise UsageError(f"--epochs: {s} is not a whole number >= 1", "e.g. --epochs 3,5,8")
-        values.append(int(f))
-    _no_dups(values, "--epochs")
-    return tuple(values)
+        return int(v)
+
+    return _parse_grid(text, "--epochs", "epochs are whole numbers, e.g. --epochs 3,5", whole)
 
 
 def grid_cells(lrs: Iterable[float], epochs: Iterable[int]) -> list[Cell]:

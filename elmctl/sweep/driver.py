@@ -4,12 +4,14 @@ Loop (one process, one thread):
 1. open the study in the store's database; fail trials left RUNNING by a dead driver (their cells
    are retried) and clean up their store runs and stray processes;
 2. while a slot is free and a cell is pending: claim the cell (trial RUNNING, see
-   :func:`elmctl.sweep.study.claim_cell`), record a ``tune`` run for it in the store, start
-   ``python -m elmctl tune ... --run-id ID`` on the slot; a retried cell also gets
-   ``--resume-from`` with its earlier attempts' runs that recorded a checkpoint, and the trial
-   continues from the first compatible one (:mod:`elmctl.sweep.resume` lists them,
-   :mod:`elmctl.train.tune_resume` picks; the choice lands in the trial's user attrs
-   ``resumed_from`` or ``resume_skipped`` and in the live view);
+   :func:`elmctl.sweep.study.claim_cell`), record a ``tune`` run for it in the store, let
+   :func:`elmctl.train.tune.launcher.record` write its run folder (the sweep's plan, prepared once,
+   with the cell's lr and epochs), lock the slot's GPUs and start the worker entry point on the
+   slot (``python -m elmctl.train.worker tune RUN_DIR``; under torchrun on a port the driver picks
+   for several GPUs per trial). A retried cell's earlier attempts that recorded a checkpoint are
+   its resume candidates and the trial continues from the first compatible one
+   (:mod:`elmctl.sweep.resume` lists them, :mod:`elmctl.train.tune.resume` picks; the choice lands
+   in the trial's user attrs ``resumed_from`` or ``resume_skipped`` and in the live view);
 3. every ``poll_s``: read each running trial's per-epoch metrics from the store (the trial writes
    ``epoch`` plus ``eval_loss``/``reward_accuracy``/``reward_margin`` at the same step) and report
    them as intermediate values (step = epoch, 1-based); ask the pruner; a pruned trial's process
@@ -29,7 +31,7 @@ start (the trial sees ``ELMCTL_INJECT_FAILURE=1``). With ``ELMCTL_FAIL_TRIAL_AFT
 attempts instead die by SIGKILL right after epoch E's checkpoint is written (the trial sees
 ``ELMCTL_INJECT_FAILURE=epoch:E``), so the retry has a checkpoint to resume from. Test-only hooks.
 
-The pieces: :mod:`elmctl.sweep.spec` (the sweep's settings and a trial's command line),
+The pieces: :mod:`elmctl.sweep.spec` (the sweep's settings),
 :mod:`elmctl.sweep.results` (the summary); this module is the loop and the live trial records.
 """
 
@@ -45,7 +47,7 @@ from elmctl.sweep import resume as R
 from elmctl.sweep import study as S
 from elmctl.sweep.results import summarize
 from elmctl.sweep.scheduler import Slot, TrialProcess, stop_process_group
-from elmctl.sweep.spec import SweepSpec, trial_command
+from elmctl.sweep.spec import SweepSpec
 from elmctl.train.metric_keys import METRIC_DIRECTIONS
 
 __all__ = ["TrialView", "SweepDriver"]
@@ -77,9 +79,11 @@ class TrialView:
 class _Active:
     trial: Any  # optuna.Trial
     view: TrialView
-    proc: TrialProcess
+    proc: TrialProcess | None  # None until (or when never) started
     reported: set[int] = field(default_factory=set)
-    resume_pending: bool = False  # --resume-from given, the trial's choice not read yet
+    resume_pending: bool = False  # resume candidates given, the trial's choice not read yet
+    lease: Any = None  # the slot's GPU locks (elmctl.launch.locks.GpuLease)
+    port: int | None = None  # torchrun's port (several GPUs per trial)
 
 
 class SweepDriver:
@@ -106,6 +110,7 @@ class SweepDriver:
         self.study: Any = None
         self.interrupted = False
         self._stop = False
+        self._plan: Any = None  # the sweep's TunePlan, prepared at the first trial
 
     def request_stop(self) -> None:
         """Ask the loop to stop every trial and return (signal handlers call this; it is safe anywhere)."""
@@ -227,7 +232,7 @@ class SweepDriver:
         return started
 
     def _start(self, trial: Any, cell: C.Cell, slot: Slot, attempt: int) -> None:
-        from elmctl.errors import UsageError
+        from elmctl.errors import ElmctlError, UsageError
 
         cfg = {"lr": cell.lr, "epochs": cell.epochs, "loss": self.spec.loss, "base": self.spec.base,
                "data": self.spec.data, "attempt": attempt, "slot": slot.label}
@@ -238,7 +243,7 @@ class SweepDriver:
             run = self.store.create_run("tune", self.spec.recipe, {}, devices=slot.label, config=cfg,
                                         study=self.spec.study, trial=trial.number)
         log_path = os.path.join(run.run_dir, "trial.log")
-        env = {"ELMCTL_STORE": self.spec.store_url}
+        env = {"ELMCTL_STORE": self.spec.store_url, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "PYTHONUNBUFFERED": "1"}
         fail = os.environ.get("ELMCTL_FAIL_TRIAL_CELL")
         if fail and attempt <= int(os.environ.get("ELMCTL_FAIL_TRIAL_TIMES", "1")):
             lr, ep = fail.split(",")
@@ -246,23 +251,70 @@ class SweepDriver:
                 after = os.environ.get("ELMCTL_FAIL_TRIAL_AFTER_EPOCH")
                 env["ELMCTL_INJECT_FAILURE"] = f"epoch:{int(after)}" if after else "1"
         candidates = R.resume_candidates(self.study.get_trials(deepcopy=False), cell, self._checkpoint_step, C.own_cell)
-        port = None
-        if slot.devices is not None and len(slot.devices) > 1:
-            from elmctl.launch.torchrun import free_port
-
-            port = free_port()  # picked by the driver, one trial at a time: trials never race for a port
-            while any(a.view.slot != slot.label and a.proc.command[-1] == str(port) for a in self.active.values()):
-                port = free_port()
-        proc = TrialProcess(trial.number, slot, trial_command(self.spec, cell, slot, run.id, trial.number, port, candidates),
-                            _path(log_path), env=env).start()
         trial.set_user_attr("run_id", run.id)
-        trial.set_user_attr("worker_pid", proc.pid)
         trial.set_user_attr("log", log_path)
         slot.trial_number = trial.number
         view = TrialView(trial.number, cell, slot.label, run.id)
         self.views[trial.number] = view
-        self.active[trial.number] = _Active(trial, view, proc, resume_pending=bool(candidates))
+        a = _Active(trial, view, None, resume_pending=bool(candidates))
+        self.active[trial.number] = a
+        try:
+            # the trial's run folder and resume choice, written here; then its worker starts on the slot
+            from elmctl.train.tune.launcher import record, worker_command
+
+            recorded = record(self._trial_plan(slot, cell, run.id, trial.number, candidates))
+            if slot.devices is not None:
+                from elmctl.launch.locks import acquire
+
+                a.lease = acquire(slot.devices, run.id)  # held while the trial runs, passed to its processes
+            a.port = self._port(slot)
+            a.proc = TrialProcess(trial.number, slot, worker_command(recorded, master_port=a.port), _path(log_path),
+                                  env=env, pass_fds=a.lease.fds if a.lease else ()).start()
+        except Exception as exc:  # noqa: BLE001 - the trial could not start (run taken or ended, GPU busy, disk full)
+            why = exc.message if isinstance(exc, ElmctlError) else f"{type(exc).__name__}: {exc}"
+            try:
+                os.makedirs(run.run_dir, exist_ok=True)
+                with open(log_path, "a") as f:
+                    f.write(f"not started: {why}\n")
+            except OSError:
+                pass
+            self.on_event("started", view)
+            self.store.record_failure(run.id, exc)
+            self._finish(a, "failed", f"not started: {why}"[:300])
+            return
+        trial.set_user_attr("worker_pid", a.proc.pid)
         self.on_event("started", view)
+
+    def _trial_plan(self, slot: Slot, cell: C.Cell, run_id: str, number: int, candidates: list[str]):
+        """The trial's :class:`~elmctl.train.tune.launcher.TunePlan`: the sweep's plan (prepared once, at
+        the first trial: recipe, base, data and batch checked) on this slot, for this cell."""
+        from dataclasses import replace
+
+        from elmctl.train.tune.launcher import TuneRequest, for_cell, prepare
+
+        if self._plan is None:
+            spec, first = self.spec, self.slots[0]
+            self._plan = prepare(TuneRequest(
+                recipe=spec.recipe, base=spec.base, data=spec.data, lr=cell.lr, epochs=cell.epochs, loss=spec.loss,
+                device="cpu" if first.devices is None else None, store=spec.store_url, overrides=list(spec.overrides),
+                # a count, as each trial sees only its slot's GPUs; the slot's own indices replace the pick
+                gpus=None if first.devices is None else str(len(first.devices)),
+                precompute_ref=spec.precompute_ref), store=self.store)
+        plan = for_cell(self._plan, lr=cell.lr, epochs=cell.epochs)
+        return replace(plan, gpus=list(slot.devices or []),
+                       req=replace(plan.req, run_id=run_id, study=self.spec.study, trial=number, resume_from=candidates))
+
+    def _port(self, slot: Slot) -> int | None:
+        """A torchrun port for a trial of several GPUs, picked here one trial at a time: trials never race for one."""
+        if slot.devices is None or len(slot.devices) < 2:
+            return None
+        from elmctl.launch.torchrun import free_port
+
+        taken = {a.port for a in self.active.values() if a.port is not None}
+        port = free_port()
+        while port in taken:
+            port = free_port()
+        return port
 
     def _checkpoint_step(self, run_id: str) -> int | None:
         """The highest checkpoint step the store recorded for a run (None: none, or no such run)."""
@@ -270,7 +322,7 @@ class SweepDriver:
         return max(steps) if steps else None
 
     def _read_resume(self, a: _Active) -> None:
-        """Copy the trial's resume decision (written by ``elmctl tune`` before training) to the study."""
+        """Copy the trial's resume decision (recorded before its worker started) to the study."""
         config = self.store.get_run(a.view.run_id).config
         if config.get("resumed_from"):
             a.view.resumed_from = config["resumed_from"]
@@ -364,12 +416,15 @@ class SweepDriver:
         for slot in self.slots:
             if slot.trial_number == v.number:
                 slot.trial_number = None
+        if a.lease is not None:
+            a.lease.release()  # the trial's processes are gone: nothing else holds the locks
         del self.active[v.number]
         self.on_event(state, v)
 
     def _stop_all(self, why: str) -> None:
         for a in list(self.active.values()):
-            a.proc.stop(self.grace_s)
+            if a.proc is not None:
+                a.proc.stop(self.grace_s)
             self.store.set_status(a.view.run_id, "cancelled", error=f"{why}: tune-sweep stopped")
             self._finish(a, "interrupted", why)
 

@@ -2,11 +2,11 @@
 
 When the driver starts another attempt of a cell, the earlier attempts of that cell (failed,
 interrupted, orphaned) that recorded a checkpoint in the store are the candidates, most trained
-first (then newest) (:func:`resume_candidates`, pure). They travel to the trial as
-``elmctl tune --resume-from RUN[,RUN...]``. The driver never opens checkpoint files: the trial may
-run on another host, and only the trial knows its own batch plan.
+first (then newest) (:func:`resume_candidates`, pure). They become the trial's
+``TuneRequest.resume_from``; :func:`elmctl.train.tune.launcher.record` verifies them against the
+trial's identity and batch plan and picks one before the trial's worker starts.
 
-The trial side (verify, check compatibility, choose, restore) is :mod:`elmctl.train.tune_resume`.
+The trial side (verify, check compatibility, choose, restore) is :mod:`elmctl.train.tune.resume`.
 The choice is written to the trial's run record (``config.resumed_from`` or
 ``config.resume_skipped``); the driver copies it to the Optuna trial's user attrs.
 """

@@ -143,6 +143,7 @@ class TrialProcess:
     command: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    pass_fds: tuple[int, ...] = ()  # the slot's GPU lock descriptors: the locks live as long as the trial
     proc: subprocess.Popen | None = None
     started_at: float = 0.0
     _log: IO | None = None
@@ -157,6 +158,7 @@ class TrialProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
+            pass_fds=self.pass_fds,
             preexec_fn=_pdeathsig,  # new session + die with the driver
         )
         self.started_at = time.time()

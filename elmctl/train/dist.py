@@ -20,6 +20,7 @@ from torch import nn
 
 __all__ = [
     "DistInfo",
+    "gpu_peak_flops",
     "init_distributed",
     "destroy_distributed",
     "ModelHandle",
@@ -326,3 +327,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    """Dense bf16 peak of the detected GPU (``GPU_PEAK_BF16_FLOPS``), None on CPU/unknown cards."""
+    if device.type != "cuda":
+        return None
+    from elmctl.config.derived import GPU_PEAK_BF16_FLOPS
+
+    name = torch.cuda.get_device_name(device).upper()
+    return next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in name), None)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 __all__ = ["EVAL_KEYS", "METRIC_DIRECTIONS"]
 
-#: what :func:`elmctl.train.tune.run_tune` logs at the end of each epoch (with ``epoch``), in this order;
+#: what :func:`elmctl.train.tune.run.run_tune` logs at the end of each epoch (with ``epoch``), in this order;
 #: the training steps log ``train_<key>``. preference_accuracy: the tuned model alone ranks chosen above
 #: rejected (log p); base_...: the frozen base does (the same number every epoch: where the tuning started).
 EVAL_KEYS = ("eval_loss", "reward_accuracy", "reward_margin", "chosen_reward", "rejected_reward",

@@ -182,12 +182,12 @@ def load_model(source: ModelSource, device: str = "cpu"):
     else:
         from elmctl.model import OpenELM
         from elmctl.train.checkpoint import load_checkpoint_files, verify_checkpoint
-        from elmctl.train.pretrain import read_run_files
+        from elmctl.train import run_folder
 
         if source.run_dir is None:
             raise UsageError(f"{source.path}: no recipe.json in its run folder {Path(source.path).parent.parent}",
                              "point at the run (id or folder) instead")
-        recipe, _ = read_run_files(source.run_dir)
+        recipe = run_folder.read_recipe(source.run_dir)
         model = OpenELM(recipe.model)
         state, _, _ = load_checkpoint_files(verify_checkpoint(source.path))
         model.load_state_dict(state)

@@ -78,7 +78,7 @@ def test_pretrain_numeric_options_refused_at_parse(cli, demo, home, flag, value)
 
 
 @pytest.mark.parametrize("cmd, flag, value", [
-    ("tune", "--epochs", "100000"), ("tune", "--master-port", "70000"), ("tune", "--trial-number", "-1"),
+    ("tune", "--epochs", "100000"), ("tune", "--nproc", "0"), ("tune", "--gpu-mem", "0"),
     ("tune-sweep", "--parallel", "0"), ("tune-sweep", "--parallel", "-3"), ("tune-sweep", "--gpus-per-trial", "0"),
     ("tune-sweep", "--max-retries", str(10**20)),
 ])

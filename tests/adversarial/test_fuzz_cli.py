@@ -106,7 +106,7 @@ def test_pretrain_dry_run(demo, opts):
 
 
 TUNE = {"--lr": floats, "--epochs": ints, "--loss": texts, "--name": texts, "--set": set_items, "--gpus": texts,
-        "--device": st.sampled_from(["cpu", "cuda", "gpu", "tpu", ""]), "--master-port": ints, "--trial-number": ints,
+        "--device": st.sampled_from(["cpu", "cuda", "gpu", "tpu", ""]), "--nproc": ints, "--resume-from": texts,
         "--format": formats, "--precompute-ref": None}
 
 

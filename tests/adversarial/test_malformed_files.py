@@ -101,7 +101,7 @@ def test_load_pretrained_and_tune_base_refuse_the_same_way(hf, tmp_path):
     """The API (load_pretrained) and `tune --base HF_DIR` (check_base) read config.json through one reader."""
     from elmctl.config import load_recipe
     from elmctl.model.hf import load_pretrained, model_config_from_hf
-    from elmctl.train.tune_inputs import Base, check_base
+    from elmctl.train.tune.inputs import Base, check_base
 
     folder = _folder(hf, tmp_path / "arr", "[1]")
     with pytest.raises(UsageError, match="must be a JSON object"):

@@ -236,20 +236,29 @@ def tune_assets(tmp_path_factory, tune_assets_factory):
     return root
 
 
-def _tune_trial(cli, assets, run_id):
-    return cli("tune", "--recipe", "tiny", "--set", "model.num_layers=2", "--base", str(assets / "base"),
-               "--data", str(assets / "prefs"), "--device", "cpu", "--epochs", "1", "--run-id", run_id)
+def _tune_trial(assets, run_id):
+    """What the sweep driver does for a trial run it recorded: prepare and record (claim) it; the refusal."""
+    from elmctl.errors import UsageError
+    from elmctl.train.tune.launcher import TuneRequest, prepare, record
+
+    plan = prepare(TuneRequest(recipe="tiny", overrides=["model.num_layers=2"], base=str(assets / "base"),
+                               data=str(assets / "prefs"), device="cpu", epochs=1, run_id=run_id))
+    try:
+        with pytest.raises(UsageError) as refused:
+            record(plan)
+    finally:
+        plan.store.close()
+    return refused.value.message
 
 
-def test_tune_trial_run_taken_by_a_live_process_is_refused(cli, home, tune_assets):
+def test_tune_trial_run_taken_by_a_live_process_is_refused(home, tune_assets):
     (owner,) = _sleepers(1)
     try:
         with Store() as s:
             run = s.create_run("tune", "tiny", {}, status="queued")
             s.update_run(run.id, pid=owner.pid)
-        r = _tune_trial(cli, tune_assets, run.id)
-        assert r.code == 2, r.err
-        assert f"run {run.id} is being resumed by pid {owner.pid}" in r.err and "Traceback" not in r.err
+        err = _tune_trial(tune_assets, run.id)
+        assert f"run {run.id} is being resumed by pid {owner.pid}" in err
         with Store() as s:
             after = s.get_run(run.id)
             assert after.pid == owner.pid and after.status == "queued" and not s.metrics(run.id)
@@ -258,11 +267,10 @@ def test_tune_trial_run_taken_by_a_live_process_is_refused(cli, home, tune_asset
         owner.wait()
 
 
-def test_tune_trial_never_revives_a_cancelled_run(cli, home, tune_assets):
+def test_tune_trial_never_revives_a_cancelled_run(home, tune_assets):
     with Store() as s:
         run = s.create_run("tune", "tiny", {}, status="queued")
         s.set_status(run.id, "cancelled", error="pruned")
-    r = _tune_trial(cli, tune_assets, run.id)
-    assert r.code == 2 and "already ended (cancelled)" in r.err
+    assert "already ended (cancelled)" in _tune_trial(tune_assets, run.id)
     with Store() as s:
         assert s.get_run(run.id).status == "cancelled" and not s.metrics(run.id)

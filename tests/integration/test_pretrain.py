@@ -153,7 +153,7 @@ def test_resume_refuses_topology_change_and_detects_corruption(demo, home):
 
 
 def test_nan_stops_as_diverged(demo, home, monkeypatch, capsys):
-    from elmctl.train import pretrain as P
+    from elmctl.train.pretrain import run as P
 
     real = P.lm_objective
 

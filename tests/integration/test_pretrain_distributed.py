@@ -189,7 +189,7 @@ def test_dry_run_shows_the_torchrun_command(demo, tmp_path, monkeypatch, capsys)
     for flag in ("--nnodes=2", "--node-rank=1", "--rdzv-backend=static", "--rdzv-endpoint=10.0.0.5:29500",
                  "--nproc-per-node=2", "--max-restarts=0"):
         assert flag in cmd, flag
-    assert cmd[-4:] == ["-m", "elmctl.train.worker", "--run-dir", "<ELMCTL_HOME>/runs/<new run id>"]
+    assert cmd[-4:] == ["-m", "elmctl.train.worker", "pretrain", "<ELMCTL_HOME>/runs/<new run id>"]
     assert main([*common, "--nnodes", "1", "--rdzv-endpoint", "127.0.0.1:29501"]) == 0
     out = capsys.readouterr().out
     assert "--rdzv-endpoint=127.0.0.1:29501" in out and "--nnodes=1" in out
@@ -252,14 +252,14 @@ def test_sbatch_job_resumes_when_requeued(demo, home, tmp_path):
     script = (Path(run.run_dir) / "train.sbatch").read_text()
     assert "#SBATCH --requeue" in script and "#SBATCH --signal=TERM@180" in script
     assert json.loads((Path(run.run_dir) / "options.json").read_text())["resume"] is True
-    worker = [sys.executable, "-m", "elmctl.train.worker", "--run-dir", run.run_dir]
+    worker = [sys.executable, "-m", "elmctl.train.worker", "pretrain", run.run_dir]
     first = subprocess.Popen(worker, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in first.stdout:  # let it train a few steps, then "preempt" it
         lines.append(line)
         if line.startswith("step 5/"):
             first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=60) == 0, "".join(lines)
+    assert first.wait(timeout=60) == 130, "".join(lines)  # the worker contract: cancelled (with a checkpoint)
     stopped = _store().get_run("sj")
     assert stopped.status == "cancelled" and 5 <= stopped.step < 400
     assert not any("resumed" in x for x in lines)  # first attempt: nothing to resume, fresh start

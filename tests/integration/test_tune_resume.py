@@ -122,7 +122,7 @@ def tune(cli, assets, tmp_path, monkeypatch):
 
 def test_incompatible_or_corrupted_checkpoint_is_ignored_with_a_logged_reason(tune):
     from elmctl.store import Store
-    from elmctl.train import tune_resume as R
+    from elmctl.train.tune import resume as R
 
     tune("--name", "first", "--format", "json")
     store = Store()

@@ -91,7 +91,7 @@ def test_sharded_tune_ctrl_c_then_resume_matches_uninterrupted(refs, home):
 
 
 def test_sharded_checkpoint_does_not_continue_an_unsharded_run(home):
-    from elmctl.train.tune_resume import compare, trial_identity
+    from elmctl.train.tune.resume import compare, trial_identity
 
     from elmctl.config import load_recipe
 

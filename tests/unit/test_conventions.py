@@ -6,7 +6,9 @@
 - the core never imports ``elmctl.cli``;
 - packages import downward only: the graph of top-level packages (``elmctl.X -> elmctl.Y``, imports inside
   functions included, ``if TYPE_CHECKING:`` imports not: they never run) has no cycle, nor has the graph of
-  modules.
+  modules;
+- one worker entry point: under ``elmctl/train/`` only ``worker.py`` runs as ``__main__``, and the training
+  jobs (``train/pretrain``, ``train/tune``, ``train/tools``) import the core, never each other.
 
 Each failure names the file and line (and, for a cycle, the path with one import per edge).
 """
@@ -22,8 +24,8 @@ PKG = Path(__file__).resolve().parents[2] / "elmctl"
 #: the CLI: the only code that may print, render or import typer/rich
 CLI = ("cli/", "__main__.py")
 #: (file, function) whose stdout is the process's contract: the torchrun worker's progress lines (the launcher
-#: tees them into train.log) and ``python -m elmctl.train.bench``'s JSON result
-PRINT_ALLOWED = {("train/worker.py", "main"), ("train/bench.py", "_main")}
+#: tees them into train.log) and the JSON result of its bench job
+PRINT_ALLOWED = {("train/worker.py", "main"), ("train/worker.py", "_train"), ("train/tools/bench.py", "bench_main")}
 UI_MODULES = ("typer", "rich", "click")
 
 
@@ -198,3 +200,28 @@ def test_modules_have_no_import_cycle():
     cycle = _find_cycle(edges)
     assert cycle is None, "import cycle between modules:\n" + _describe(cycle, edges)
 
+
+def _main_guard(tree: ast.Module) -> bool:
+    return any(isinstance(n, ast.If) and isinstance(n.test, ast.Compare) and isinstance(n.test.left, ast.Name)
+               and n.test.left.id == "__name__" for n in tree.body)
+
+
+def test_one_worker_entry_point_under_train():
+    mains = [rel for rel, tree in TREES.items() if rel.startswith("train/") and _main_guard(tree)]
+    assert mains == ["train/worker.py"], f"torchrun starts one entry point, elmctl.train.worker; also found: {mains}"
+
+
+TRAIN_JOBS = ("pretrain", "tune", "tools")
+
+
+def test_training_jobs_never_import_each_other():
+    problems = []
+    for rel in FILES:
+        parts = rel.split("/")
+        if parts[0] != "train" or len(parts) < 3 or parts[1] not in TRAIN_JOBS:
+            continue
+        for name, line in _imports(rel):
+            bits = name.split(".")
+            if bits[:2] == ["elmctl", "train"] and len(bits) > 2 and bits[2] in TRAIN_JOBS and bits[2] != parts[1]:
+                problems.append(f"elmctl/{rel}:{line} imports {name}")
+    assert not problems, "a training job imports another (shared code belongs in elmctl/train/):\n" + "\n".join(problems)

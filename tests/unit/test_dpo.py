@@ -110,7 +110,7 @@ def _setup(loss: str = "sigmoid", seed: int = 0):
     import elmctl
     from elmctl.train import dist as D
     from elmctl.train.optim import build_adamw
-    from elmctl.train.tune import make_objective
+    from elmctl.train.tune.run import make_objective
 
     torch.manual_seed(seed)
     model = elmctl.build_model("tiny", num_layers=2)
@@ -130,7 +130,7 @@ def _step_fn(runner, opt, objective, accum):
 @pytest.mark.parametrize("loss", ["sigmoid", "hinge", "sft"])
 def test_gradient_accumulation_equivalence(loss):
     """micro-batch 4 x accumulation 1 == micro-batch 2 x accumulation 2 == 1 x 4 (same pairs, same order)."""
-    from elmctl.train.tune_batches import PairBatches
+    from elmctl.train.tune.batches import PairBatches
 
     pairs = _pairs(8)
     finals = []
@@ -152,7 +152,7 @@ def test_gradient_accumulation_equivalence(loss):
 
 
 def test_training_changes_every_parameter_and_not_the_reference():
-    from elmctl.train.tune_batches import PairBatches
+    from elmctl.train.tune.batches import PairBatches
 
     model, ref, runner, opt, objective = _setup("sigmoid")
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -190,10 +190,10 @@ def test_lock_follows_the_training_process_via_pass_fds(lock_env):
 
 # -- torchrun -------------------------------------------------------------------------------------
 def test_build_command_single_node():
-    cmd = torchrun.build_command(8, ["elmctl.train.worker", "--run", "ab12"])
+    cmd = torchrun.build_command(8, ["elmctl.train.worker", "tune", "runs/ab12"])
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and "--nproc-per-node=8" in cmd and "--nnodes=1" in cmd
-    assert cmd[-4:] == ["-m", "elmctl.train.worker", "--run", "ab12"]
+    assert cmd[-4:] == ["-m", "elmctl.train.worker", "tune", "runs/ab12"]
     fixed = torchrun.build_command(2, ["m"], master_port=29123)
     assert "--master-port=29123" in fixed and "--master-addr=127.0.0.1" in fixed and "--standalone" not in fixed
 
@@ -233,7 +233,7 @@ def test_torchrun_command_really_launches_two_processes(tmp_path):
 def test_sbatch_script_text_and_syntax(tmp_path):
     path = slurm.write_sbatch(
         tmp_path / "job.sbatch", job_name="elm 1_1b", nodes=2, gpus_per_node=8,
-        command_args=["elmctl.train.worker", "--run-dir", "runs/ab12cd34"], run_dir=tmp_path / "run",
+        command_args=["elmctl.train.worker", "pretrain", "runs/ab12cd34"], run_dir=tmp_path / "run",
         time="24:00:00", partition="gpu",
     )
     text = path.read_text()
@@ -241,7 +241,7 @@ def test_sbatch_script_text_and_syntax(tmp_path):
     for needle in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --requeue", "#SBATCH --time=24:00:00",
                    "#SBATCH --partition=gpu", "#SBATCH --job-name=elm-1_1b", 'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p',
                    "srun ", "--rdzv-backend=c10d", '--rdzv-endpoint="$head_addr:$rdzv_port"', "--nproc-per-node=8",
-                   "--nnodes=2", "-m elmctl.train.worker --run-dir runs/ab12cd34"):
+                   "--nnodes=2", "-m elmctl.train.worker pretrain runs/ab12cd34"):
         assert needle in text, needle
     assert "--node-rank" not in text  # c10d assigns ranks; every node runs the same line
     subprocess.run(["bash", "-n", str(path)], check=True)

@@ -8,7 +8,7 @@ from elmctl.config import load_recipe
 from elmctl.config.derived import GIB
 from elmctl.config.plan import HEADROOM, batch_plan, dpo_memory_estimate, pretrain_plan, split_batch, tune_plan
 from elmctl.errors import UsageError
-from elmctl.train.plan import make_plan
+from elmctl.train.pretrain.plan import make_plan
 
 
 def _launch_plan(recipe, gpus: int, gpu_mem: float):

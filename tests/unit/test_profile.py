@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from elmctl.train.profile import categorize, summarize
+from elmctl.train.tools.profile import categorize, summarize
 
 
 @pytest.mark.parametrize(

@@ -5,10 +5,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from elmctl.sweep import resume as R
-from elmctl.train import tune_resume as T
+from elmctl.train.tune import resume as T
 from elmctl.sweep.cells import Cell, cell_of
-from elmctl.sweep.scheduler import Slot
-from elmctl.sweep.spec import SweepSpec, trial_command
 
 
 def _t(number, state, lr=1e-3, epochs=2, **attrs):
@@ -32,17 +30,11 @@ def test_candidates_are_earlier_failed_attempts_of_the_cell_with_checkpoints_fur
     assert R.resume_candidates(trials, Cell(1e-5, 2), steps.get, cell_of) == []
 
 
-def test_describe_and_trial_command():
+def test_describe():
     point = {"run_id": "ab", "trial": 0, "attempt": 1, "step": 4, "epoch": 1, "steps_per_epoch": 4}
     assert T.describe(point) == "attempt 1 (trial 0), epoch 1 (step 4)"
     assert T.describe({**point, "step": 5}) == "attempt 1 (trial 0), epoch 1 + 1 step (step 5)"
     assert T.describe({"run_id": "ab", "step": 7, "epoch": 1, "steps_per_epoch": 4}) == "run ab, epoch 1 + 3 steps (step 7)"
-    spec = SweepSpec(recipe="tiny", base="/b", data="/d", lrs=(1e-3,), epochs=(2,), loss="sigmoid", study="s",
-                     storage_url="sqlite://", store_url="sqlite://")
-    cmd = trial_command(spec, Cell(1e-3, 2), Slot(0, (0, 1)), "run1", 3, master_port=29555, resume_from=["r1", "r0"])
-    assert cmd[cmd.index("--resume-from") + 1] == "r1,r0"
-    assert cmd[-1] == "29555"  # the driver reads the port back from the last argument
-    assert "--resume-from" not in trial_command(spec, Cell(1e-3, 2), Slot(0, None), "run1", 3)
 
 
 def test_compare_lists_every_difference():

@@ -15,7 +15,7 @@ from elmctl.sweep import cells as C
 from elmctl.sweep import study as S
 from elmctl.sweep.results import summarize
 from elmctl.sweep.scheduler import Slot, TrialProcess, plan_slots
-from elmctl.sweep.spec import SweepSpec, trial_command
+from elmctl.sweep.spec import SweepSpec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -196,16 +196,6 @@ def _spec(**kw):
     return SweepSpec(**{**base, **kw})
 
 
-def test_trial_command():
-    cmd = trial_command(_spec(overrides=("instruct.beta=0.2",)), C.Cell(1e-3, 2), Slot(0, (4, 5)), "abcd1234", 7, 29500)
-    assert cmd[1:4] == ["-m", "elmctl", "tune"]
-    joined = " ".join(cmd)
-    assert "--lr 0.001 --epochs 2" in joined and "--run-id abcd1234" in joined and "--gpus 2" in joined
-    assert "--trial-of s --trial-number 7" in joined and "--set instruct.beta=0.2" in joined
-    assert cmd[-2:] == ["--master-port", "29500"] and "sqlite" not in joined  # the store URL goes by env
-    assert "--device cpu" in " ".join(trial_command(_spec(), C.Cell(1e-3, 2), Slot(0, None), "r", 0))
-
-
 def test_summarize_shape():
     study, sampler = _study()
     a, b, c, d = C.grid_cells((1e-3, 1e-4), (1, 2))
@@ -246,3 +236,26 @@ def _live_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] != "Z":
             out.append(int(d))
     return out
+
+
+def test_a_trial_that_cannot_be_recorded_fails_without_a_process(tmp_path, monkeypatch):
+    """The driver records each trial itself (no user CLI in between): when that fails (here: the data
+    folder is gone), the trial is told FAIL with the reason, its run is failed, and no process starts."""
+    from elmctl.store import Store
+    from elmctl.sweep.driver import SweepDriver
+
+    monkeypatch.setenv("ELMCTL_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ELMCTL_STORE", raising=False)
+    url = f"sqlite:///{tmp_path / 'e.db'}"
+    spec = _spec(lrs=(1e-3,), epochs=(1,), storage_url=url, store_url=url, max_retries=0,
+                 data=str(tmp_path / "no-such-data"))
+    with Store(url) as store:
+        driver = SweepDriver(spec, plan_slots(device="cpu", parallel=1), store, poll_s=0.01)
+        result = driver.run()
+        (view,) = driver.views.values()
+        run = store.get_run(view.run_id)
+    assert view.state == "failed" and view.reason.startswith("not started: data folder not found")
+    assert run.status == "failed" and "no-such-data" in (run.error or "")
+    (cell,) = result["cells"]
+    assert cell["state"] == "failed"
+    assert "not started" in (tmp_path / "home" / "runs" / run.id / "trial.log").read_text()

@@ -19,7 +19,7 @@ def _save_tiny(run_dir, step):
 
 
 def test_run_folder_checkpoint_folder_and_base_resolve_alike(tmp_path):
-    from elmctl.train.tune_inputs import resolve_base
+    from elmctl.train.tune.inputs import resolve_base
     from elmctl.train.weights import ModelSource, resolve_source
 
     run = tmp_path / "run"
@@ -36,7 +36,7 @@ def test_run_folder_checkpoint_folder_and_base_resolve_alike(tmp_path):
 
 
 def test_corrupted_checkpoint_is_an_input_error_for_every_command(tmp_path):
-    from elmctl.train.tune_inputs import resolve_base
+    from elmctl.train.tune.inputs import resolve_base
     from elmctl.train.weights import resolve_source
 
     run = tmp_path / "run"
@@ -62,7 +62,7 @@ def test_checkpoint_without_its_recipe_is_weights_only(tmp_path):
 
 
 def test_folder_without_weights(tmp_path):
-    from elmctl.train.tune_inputs import resolve_base
+    from elmctl.train.tune.inputs import resolve_base
     from elmctl.train.weights import resolve_source
 
     with pytest.raises(UsageError, match="holds no model"):

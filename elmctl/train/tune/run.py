@@ -1,11 +1,12 @@
 """Instruction tuning (DPO / hinge / SFT) on the shared training loop.
 
-A tune run is a run folder like a pre-training run (``recipe.json``, ``options.json``,
-``train.log``, ``checkpoints/``); :func:`run_tune` trains it, in-process for one process or as
-the torchrun worker ``python -m elmctl.train.tune <run_dir>`` for several.
+A tune run is a run folder like a pre-training run (``recipe.json``, ``options.json`` holding
+:class:`~elmctl.train.run_folder.TuneOptions`, ``train.log``, ``checkpoints/``), prepared and
+recorded by :mod:`elmctl.train.tune.launcher`; :func:`run_tune` trains it, in-process for one
+process or in ``python -m elmctl.train.worker tune <run_dir>`` (alone, or under torchrun).
 
 - Policy: an OpenELM built from the recipe, loaded from the base (a checkpoint folder or an Apple
-  HF folder; see :func:`~elmctl.train.tune_inputs.resolve_base`). Reference: a frozen copy of the
+  HF folder; see :func:`~elmctl.train.tune.inputs.resolve_base`). Reference: a frozen copy of the
   base (TRL's default), or, with ``precompute_ref``, its log-probs computed once up front and the
   copy dropped.
 - Sharding: ``instruct.sharding`` zero3/fsdp on several processes shards the policy (parameters,
@@ -19,8 +20,8 @@ the torchrun worker ``python -m elmctl.train.tune <run_dir>`` for several.
   recipe seed and the epoch); the data position is the step count.
 - Schedule: linear warm-up over ceil(warmup_ratio x total steps), then cosine to 0 (HF); AdamW
   with the recipe's weight decay (0 in Table 10) and default betas.
-- Resume: ``opt["resume"]`` (picked and verified by ``elmctl tune --resume-from``, see
-  :mod:`elmctl.train.tune_resume`) is an earlier attempt's checkpoint with the same identity and batch
+- Resume: ``opt.resume`` (picked and verified by :func:`elmctl.train.tune.launcher.record`, see
+  :mod:`elmctl.train.tune.resume`) is an earlier attempt's checkpoint with the same identity and batch
   plan. Weights, AdamW state, data position and RNG are restored, the source run's metrics up to that
   step are copied into this run (its curves and per-epoch rows are whole), and training continues at
   the next step: the steps, batches and learning rates of an uninterrupted run.
@@ -34,9 +35,9 @@ the torchrun worker ``python -m elmctl.train.tune <run_dir>`` for several.
   ``ELMCTL_INJECT_FAILURE=1`` fails at start; ``ELMCTL_INJECT_FAILURE=epoch:E`` SIGKILLs the process
   right after epoch E's checkpoint is durable (a crash with no status written, like an OOM kill).
 
-The pieces: :mod:`elmctl.train.tune_inputs` (base weights and preference data, resolved and
-checked), :mod:`elmctl.train.tune_batches` (pair batches, collation),
-:mod:`elmctl.train.tune_resume` (restoring a resume point); this module holds the objective, the
+The pieces: :mod:`elmctl.train.tune.inputs` (base weights and preference data, resolved and
+checked), :mod:`elmctl.train.tune.batches` (pair batches, collation),
+:mod:`elmctl.train.tune.resume` (restoring a resume point); this module holds the objective, the
 evaluation and the run itself.
 """
 
@@ -45,7 +46,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +59,9 @@ from elmctl.train import dist as D
 from elmctl.train.dpo import dpo_losses, preference_metrics, sequence_logps, sft_loss, split_pair_logps
 from elmctl.train.loop import to_device
 from elmctl.train.metric_keys import EVAL_KEYS
-from elmctl.train.tune_batches import PairBatches, collate
-from elmctl.train.tune_inputs import load_base_weights
-from elmctl.train.tune_resume import load_resume_point
+from elmctl.train.tune.batches import PairBatches, collate
+from elmctl.train.tune.inputs import load_base_weights
+from elmctl.train.tune.resume import load_resume_point
 
 __all__ = ["make_objective", "run_tune", "TuneResult"]
 
@@ -140,37 +140,38 @@ class TuneResult:
 
 
 def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | None = None,
-             on_event: Callable[[str], None] | None = None) -> TuneResult:
-    """Train the tune run in ``run_dir`` (see the module docstring). Rank 0 writes the store."""
+             on_event: Callable[[str], None] | None = None, store_url: str | None = None) -> TuneResult:
+    """Train the tune run in ``run_dir`` (see the module docstring). Rank 0 writes the store:
+    ``store_url``, else ``$ELMCTL_STORE``, else the one in the run's options."""
     from elmctl.data.preference import load_pairs
     from elmctl.model import OpenELM
     from elmctl.store import Store
     from elmctl.train.checkpoint import save_checkpoint
     from elmctl.train.loop import Hooks, LoopConfig, train
     from elmctl.train.optim import build_adamw
-    from elmctl.train.pretrain import RunLog, read_run_files
+    from elmctl.train import run_folder
     from elmctl.train.schedule import warmup_decay
 
     run_dir = Path(run_dir)
-    recipe, opt = read_run_files(run_dir)
+    recipe, opt = run_folder.read(run_dir)
     it, mcfg = recipe.instruct, recipe.model
-    info = D.init_distributed(opt["device"])
-    store = Store(opt["store_url"]) if info.is_main else None
-    run_id = opt["run_id"]
-    event = RunLog(run_dir / "train.log", on_event, info.is_main)
+    info = D.init_distributed(opt.device)
+    store = Store(store_url or os.environ.get("ELMCTL_STORE") or opt.store_url) if info.is_main else None
+    run_id = opt.run_id
+    event = run_folder.RunLog(run_dir / "train.log", on_event, info.is_main)
 
-    try:
+    with run_folder.recording(store, run_id, event):
         if store is not None:
             store.update_run(run_id, status="running", pid=os.getpid(), error=None)
         if os.environ.get("ELMCTL_INJECT_FAILURE") == "1":
             raise RuntimeFailure("injected failure (ELMCTL_INJECT_FAILURE=1, set by ELMCTL_FAIL_TRIAL_CELL)")
         D.seed_everything(it.seed)
         threads = os.environ.get("ELMCTL_NUM_THREADS")
-        if threads and opt["device"] == "cpu":
+        if threads and opt.device == "cpu":
             torch.set_num_threads(int(threads))
-        on_gpu = opt["device"] == "cuda"
+        on_gpu = opt.device == "cuda"
         model = OpenELM(mcfg, activation_checkpointing=it.gradient_checkpointing and on_gpu)
-        load_base_weights(model, opt["base_kind"], opt["base_path"])
+        load_base_weights(model, opt.base_kind, opt.base_path)
         ref_model = OpenELM(mcfg).to(info.device)
         ref_model.load_state_dict(model.state_dict())
         ref_model.eval().requires_grad_(False)
@@ -182,20 +183,20 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
         sharded = it.sharding != "none" and info.world_size > 1
         if sharded:
             D.shard_model(ref_model)
-        pad_id, micro, accum = mcfg.pad_token_id, opt["micro_batch"], opt["grad_accumulation"]
-        train_pairs, test_pairs = load_pairs(opt["data_dir"], "train"), load_pairs(opt["data_dir"], "test")
+        pad_id, micro, accum = mcfg.pad_token_id, opt.micro_batch, opt.grad_accumulation
+        train_pairs, test_pairs = load_pairs(opt.data_dir, "train"), load_pairs(opt.data_dir, "test")
         ref_train = ref_test = None
-        if opt.get("precompute_ref"):
+        if opt.precompute_ref:
             t0 = time.time()
             ref_train = _precompute_ref(ref_model, train_pairs, pad_id, micro * 2, info.device)
             ref_test = _precompute_ref(ref_model, test_pairs, pad_id, micro * 2, info.device)
             ref_model = None  # no frozen copy during training
             event(f"reference log-probs of {len(train_pairs)}+{len(test_pairs)} pairs in {time.time() - t0:.1f}s")
-        loss_type = opt["loss"]
+        loss_type = opt.loss
         batches = PairBatches(train_pairs, micro_batch=micro, grad_accumulation=accum, pad_id=pad_id, seed=it.seed,
                               rank=info.rank, world_size=info.world_size, sft=loss_type == "sft", ref=ref_train)
         spe = batches.steps_per_epoch
-        total = spe * int(opt["epochs"])
+        total = spe * int(opt.epochs)
         warmup = math.ceil(it.warmup_ratio * total)
         runner = D.wrap_model(model, device=info.device, fsdp=sharded,
                               fsdp_bf16=sharded and on_gpu and it.precision == "bf16")
@@ -211,7 +212,7 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
                          eval_every=spe, checkpoint_every=spe, steps_per_epoch=spe)
 
         def lr_at(step: int) -> float:
-            return warmup_decay(step, total_steps=total, warmup_steps=warmup, peak_lr=float(opt["lr"]), kind=it.scheduler)
+            return warmup_decay(step, total_steps=total, warmup_steps=warmup, peak_lr=float(opt.lr), kind=it.scheduler)
 
         def on_log(step: int, m: dict[str, float]) -> None:
             renamed = {("train_" + k if k in ("loss",) + EVAL_KEYS else k): v for k, v in m.items()}
@@ -223,7 +224,7 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
             last_eval.clear()
             last_eval.update(m)
             store.log_metrics(run_id, step, {"epoch": step // spe, **m})  # one transaction: read together
-            event(f"epoch {step // spe}/{opt['epochs']} step {step}: eval_loss {m['eval_loss']:.4f} "
+            event(f"epoch {step // spe}/{opt.epochs} step {step}: eval_loss {m['eval_loss']:.4f} "
                   f"reward_accuracy {m['reward_accuracy']:.3f} reward_margin {m['reward_margin']:.4f}")
 
         def on_checkpoint(step: int, final: bool) -> None:
@@ -231,10 +232,10 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
             ostate = D.optimizer_state(runner, optimizer)
             rngs = D.gather_objects(D.rng_state())
             if info.is_main:
-                # `resume` + the batch plan are what elmctl.train.tune_resume.compare checks before a resume
+                # `resume` + the batch plan are what elmctl.train.tune.resume.compare checks before a resume
                 meta = {"world_size": info.world_size, "global_batch": batches.global_batch, "micro_batch": micro,
                         "grad_accumulation": accum, "recipe_id": recipe.id, "run_id": run_id, "kind": "tune",
-                        "epoch": step // spe, "steps_per_epoch": spe, "resume": opt.get("identity")}
+                        "epoch": step // spe, "steps_per_epoch": spe, "resume": opt.identity}
                 tstate = {"step": step, "epoch": step // spe, "data": batches.state_dict(), "rng": rngs}
                 ck = save_checkpoint(run_dir, step, model_state=mstate, optimizer_state=ostate,
                                      train_state=tstate, keep=2, final=final, meta=meta)
@@ -246,8 +247,8 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
                 event(f"injected crash after epoch {step // spe} (ELMCTL_INJECT_FAILURE={inject}): SIGKILL")
                 os.kill(os.getpid(), signal.SIGKILL)
 
-        event(f"{loss_type} tuning: {opt['epochs']} epochs x {spe} steps, {info.world_size} process(es) x {micro} "
-              f"x {accum} = {batches.global_batch} pairs/step, lr {opt['lr']:g}, beta {it.beta:g}, warm-up {warmup}; "
+        event(f"{loss_type} tuning: {opt.epochs} epochs x {spe} steps, {info.world_size} process(es) x {micro} "
+              f"x {accum} = {batches.global_batch} pairs/step, lr {opt.lr:g}, beta {it.beta:g}, warm-up {warmup}; "
               f"training steps {start_step + 1}..{total}")
         result = train(runner, optimizer, objective, batches, cfg, lr_at=lr_at, device=info.device, eval_fn=eval_fn,
                        start_step=start_step,
@@ -258,29 +259,3 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
             store.update_run(run_id, status=result.status, step=result.step, error=error)
         event(f"{result.status} at step {result.step}" + (f": {error}" if error else ""))
         return TuneResult(result.status, result.step, dict(last_eval), error)
-    except BaseException as exc:
-        if store is not None:
-            store.record_failure(run_id, exc)  # best effort: a full disk may hold the store too
-        try:
-            event(f"failed: {type(exc).__name__}: {exc}")
-        except OSError:
-            pass  # the log is on that disk as well; the exception below still says what happened
-        raise
-    finally:
-        event.close()
-        if store is not None:
-            store.close()
-
-
-def _main(argv: list[str]) -> int:  # torchrun worker: python -m elmctl.train.tune <run_dir>
-    stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-    try:
-        result = run_tune(argv[0], should_stop=lambda: stop["flag"])
-    finally:
-        D.destroy_distributed()
-    return 0 if result.status == "completed" else 1
-
-
-if __name__ == "__main__":  # pragma: no cover - exercised through torchrun
-    sys.exit(_main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """A tune run's batches: the preference-pair batch source (the plan is :func:`elmctl.config.plan.tune_plan`).
 
-Part of :mod:`elmctl.train.tune`. The recipe's effective batch (per_device_batch x
+Part of the tune job (:mod:`elmctl.train.tune`). The recipe's effective batch (per_device_batch x
 grad_accumulation x num_gpus) is kept on any number of processes (:func:`elmctl.config.plan.tune_plan`);
 :class:`PairBatches` hands each rank its micro-batches, epoch by epoch over a seeded permutation,
 and :func:`collate` turns pair indices into tensors (pair rows, or chosen-only rows for SFT).

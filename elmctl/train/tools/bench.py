@@ -1,9 +1,9 @@
 """`elmctl bench`: synthetic tokens through the REAL training step (loop.make_train_step).
 
-Measures tokens/s, MFU against the GPU's dense bf16 peak, peak memory and compile time. One process
-runs in place; several run under torchrun (this module is the worker):
+Measures tokens/s, MFU against the GPU's dense bf16 peak, peak memory and compile time. ``elmctl bench``
+starts it in a new process, under torchrun for several (the worker entry point's ``bench`` job):
 
-    python -m torch.distributed.run --standalone --nproc-per-node 8 -m elmctl.train.bench \
+    python -m torch.distributed.run --standalone --nproc-per-node 8 -m elmctl.train.worker bench \
         --recipe 270m --micro-batch 16 --steps 20 --json-out /tmp/bench.json
 
 MFU = tokens/s x FLOPs/token / (peak x GPUs), FLOPs/token = 6N + sum_layers 12 n_q d_h T
@@ -25,7 +25,6 @@ from elmctl.train import dist as D
 from elmctl.train.loop import make_train_step
 from elmctl.train.objectives import lm_objective
 from elmctl.train.optim import build_adamw
-from elmctl.train.pretrain import gpu_peak_flops
 
 __all__ = ["run_bench"]
 
@@ -46,7 +45,7 @@ def run_bench(
 ) -> dict[str, Any]:
     """Time ``steps`` optimizer steps after ``warmup`` (compile happens in the first warm-up step).
 
-    With ``profile_dir``, ``profile_steps`` more steps then run under the profiler (elmctl/train/profile.py);
+    With ``profile_dir``, ``profile_steps`` more steps then run under the profiler (elmctl/train/tools/profile.py);
     the result gains a ``profile`` entry (time per category, top kernels, trace path).
     """
     from elmctl.model import OpenELM
@@ -103,7 +102,7 @@ def run_bench(
         raise RuntimeError(f"bench produced a non-finite loss: first {first_loss}, last {last_loss}")
     profiled = None
     if profile_dir:
-        from elmctl.train.profile import profile_steps as run_profiled
+        from elmctl.train.tools.profile import profile_steps as run_profiled
 
         def one(i: int) -> None:
             step([pool[(i + j) % 4] for j in range(grad_accumulation)], lr)
@@ -113,7 +112,7 @@ def run_bench(
     tokens_per_step = micro * T * grad_accumulation * info.world_size
     tokens_per_s = tokens_per_step / step_s
     fpt = flops_per_token(m, T)
-    peak = gpu_peak_flops(dev)
+    peak = D.gpu_peak_flops(dev)
     mem_gib = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     mems = D.gather_objects(mem_gib)
     result = {
@@ -145,10 +144,11 @@ def run_bench(
     return result
 
 
-def _main(argv: list[str] | None = None) -> int:
+def bench_main(argv: list[str]) -> int:
+    """``python -m elmctl.train.worker bench ARGS``: one benchmark process; rank 0 writes the JSON result."""
     from elmctl.config.loader import load_recipe
 
-    p = argparse.ArgumentParser(prog="python -m elmctl.train.bench")
+    p = argparse.ArgumentParser(prog="python -m elmctl.train.worker bench")
     p.add_argument("--recipe", required=True)
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--device", default="cuda")
@@ -164,21 +164,14 @@ def _main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     recipe = load_recipe(a.recipe, a.set)
     ckpt = None if a.checkpointing == "recipe" else a.checkpointing == "on"
-    try:
-        res = run_bench(recipe, device=a.device, micro_batch=a.micro_batch, steps=a.steps, warmup=a.warmup,
-                        seq_len=a.seq_len, compile_model=False if a.no_compile else None, checkpointing=ckpt,
-                        grad_accumulation=a.grad_accumulation, profile_dir=a.profile_dir)
-        if int(os.environ.get("RANK", "0")) == 0:
-            text = json.dumps(res, indent=2)
-            if a.json_out:
-                with open(a.json_out, "w") as f:
-                    f.write(text)
-            else:
-                print(text)
-    finally:
-        D.destroy_distributed()
+    res = run_bench(recipe, device=a.device, micro_batch=a.micro_batch, steps=a.steps, warmup=a.warmup,
+                    seq_len=a.seq_len, compile_model=False if a.no_compile else None, checkpointing=ckpt,
+                    grad_accumulation=a.grad_accumulation, profile_dir=a.profile_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        text = json.dumps(res, indent=2)
+        if a.json_out:
+            with open(a.json_out, "w") as f:
+                f.write(text)
+        else:
+            print(text)
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(_main())

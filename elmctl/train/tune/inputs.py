@@ -1,8 +1,8 @@
 """A tune run's inputs: the base weights and the preference data, resolved and checked.
 
-Part of :mod:`elmctl.train.tune`. ``elmctl tune`` and ``elmctl tune-sweep`` call these before a run
+Part of the tune job (:mod:`elmctl.train.tune`). ``elmctl tune`` and ``elmctl tune-sweep`` call these before a run
 (or any trial) exists, so a wrong ``--base`` or ``--data`` fails at once with a hint;
-:func:`elmctl.train.tune.run_tune` then loads the weights with :func:`load_base_weights`.
+:func:`elmctl.train.tune.run.run_tune` then loads the weights with :func:`load_base_weights`.
 
 - Base: a pretrain run id/name (its newest verified checkpoint), a run folder, a checkpoint folder,
   or an Apple HF folder (:func:`resolve_base`); its architecture must be the recipe's

@@ -2,7 +2,7 @@
 
 ``prepare`` has no side effects (it is all `--dry-run` runs). ``execute`` creates (or reopens) the
 run in the store, writes the run folder, takes the GPU locks and trains: in this process for one
-process, else under torchrun with ``elmctl.train.worker``, supervised (log tee'd to train.log,
+process, else under torchrun with ``python -m elmctl.train.worker pretrain RUN_DIR``, supervised (log tee'd to train.log,
 Ctrl-C forwarded as SIGTERM so workers checkpoint and stop).
 """
 
@@ -12,65 +12,56 @@ import os
 import re
 import signal
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from elmctl.errors import RuntimeFailure, UsageError
+from elmctl.train import run_folder
+from elmctl.train.run_folder import LaunchRequest, PretrainOptions
 
 __all__ = ["PretrainRequest", "prepare", "execute"]
 
 
 @dataclass
-class PretrainRequest:
-    recipe: str | None = None
+class PretrainRequest(LaunchRequest):
     data: str | None = None
-    gpus: str | None = None
-    device: str | None = None
-    nproc: int | None = None
     max_steps: int | None = None
     micro_batch: int | None = None
     checkpoint_every: int | None = None
     eval_every: int | None = None
     log_every: int | None = None
-    overrides: list[str] = field(default_factory=list)
-    name: str | None = None
     resume: str | None = None
     allow_topology_change: bool = False
     compile: bool = True
     wait: bool = False
-    store: str | None = None
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None
     slurm: bool = False
-    gpu_mem: float | None = None  # GiB per GPU to plan for (default: the GPUs found, else an H100's 80)
-    dry_run: bool = False  # plan only: GPUs this machine lacks are planned for, not refused
-    track: list[str] | None = None  # trackers to mirror to (None: a resume keeps the run's), see elmctl.track
-    track_dir: str | None = None
 
 
-def _resolve_devices(req: PretrainRequest, saved: dict[str, Any]):
+def _resolve_devices(req: PretrainRequest, saved: PretrainOptions | None):
     """(device, gpu indices, gpu name, gpu memory GiB, processes on this node, planned-for note or None).
 
     A dry run asking for GPUs this machine does not have plans for them (:func:`gpus.plan_gpus`).
     """
     from elmctl.launch import gpus as G
 
-    device = req.device or saved.get("device") or "cuda"
+    device = req.device or (saved.device if saved else None) or "cuda"
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device {device!r}: use cuda or cpu")
     if device == "cpu":
         if req.gpus not in (None, "", "0"):
             raise UsageError(f"--gpus {req.gpus} conflicts with --device cpu", hint="drop one of the two options")
-        nproc = req.nproc or (saved.get("nproc") if req.device is None else None) or 1
+        nproc = req.nproc or (saved.nproc if saved and req.device is None else None) or 1
         return "cpu", [], None, None, int(nproc), None
     if req.nproc is not None:
         raise UsageError("--nproc is for CPU processes (--device cpu); on GPUs use --gpus")
     from elmctl.launch.locks import holders
 
     found = G.discover()
-    spec = req.gpus if req.gpus is not None else saved.get("gpus_arg")
+    spec = req.gpus if req.gpus is not None else (saved.gpus_arg if saved else None)
     chosen, name, mem, planned = G.plan_gpus(spec, found, gpu_mem=req.gpu_mem, dry_run=req.dry_run,
                                              busy=set(holders()))
     return "cuda", chosen, name, mem, len(chosen), planned
@@ -80,23 +71,25 @@ def prepare(req: PretrainRequest):
     """Resolve recipe, data and devices into a plan. Writes nothing. Returns (plan, recipe)."""
     from elmctl.config import load_recipe
     from elmctl.data import resolve_data_dir
-    from elmctl.train.plan import make_plan
+    from elmctl.train.pretrain.plan import make_plan
 
-    saved: dict[str, Any] = {}
+    saved: PretrainOptions | None = None
     run_dir = "<ELMCTL_HOME>/runs/<new run id>"
     if req.resume:
         from elmctl.store import Store
-        from elmctl.train.pretrain import read_run_files
 
         if req.overrides or req.recipe:
             raise UsageError("--resume continues a run with its own recipe; --recipe/--set cannot change it",
                              hint="start a new run to train with another recipe")
         with Store(req.store) as store:
             run = store.get_run(req.resume)
-        if not Path(run.run_dir, "options.json").is_file():
+        if not run_folder.is_run_folder(run.run_dir):
             raise UsageError(f"run {run.label} has no run folder at {run.run_dir}", hint="it cannot be resumed")
-        recipe, saved = read_run_files(Path(run.run_dir))
-        data_dir = req.data or saved["data_dir"]
+        recipe, saved = run_folder.read(run.run_dir)
+        if not isinstance(saved, PretrainOptions):
+            raise UsageError(f"run {run.label} is a {saved.job} run; pretrain --resume continues pre-training runs",
+                             hint="continue a tune run with: elmctl tune ... --resume-from " + run.label)
+        data_dir = req.data or saved.data_dir
         run_dir = run.run_dir
     else:
         if not req.recipe:
@@ -114,10 +107,10 @@ def prepare(req: PretrainRequest):
     compile_model = req.compile and device == "cuda"
     plan = make_plan(
         recipe, device=device, gpus=gpu_ids, gpu_name=gpu_name, gpu_mem_gib=gpu_mem, nproc=nproc, nnodes=req.nnodes,
-        micro_batch=req.micro_batch if req.micro_batch is not None else (saved.get("micro_batch") if req.nproc is None and req.gpus is None else None),
-        max_steps=req.max_steps if req.max_steps is not None else saved.get("max_steps"),
+        micro_batch=req.micro_batch if req.micro_batch is not None else (saved.micro_batch if saved and req.nproc is None and req.gpus is None else None),
+        max_steps=req.max_steps if req.max_steps is not None else (saved.max_steps if saved else None),
         compile_model=compile_model, run_dir=run_dir, data_dir=data_dir,
-        worker_args=["elmctl.train.worker", "--run-dir", run_dir], rdzv_endpoint=req.rdzv_endpoint,
+        worker_args=["elmctl.train.worker", "pretrain", run_dir], rdzv_endpoint=req.rdzv_endpoint,
         node_rank=req.node_rank, slurm=req.slurm,
     )
     if planned_for:
@@ -143,7 +136,7 @@ def _check_vocab(data_dir: str, recipe) -> None:
 
 def _check_topology(req: PretrainRequest, plan) -> None:
     from elmctl.train.checkpoint import find_resumable
-    from elmctl.train.plan import topology_diff
+    from elmctl.train.pretrain.plan import topology_diff
 
     try:
         info, _ = find_resumable(plan.run_dir)
@@ -160,36 +153,33 @@ def _check_topology(req: PretrainRequest, plan) -> None:
         )
 
 
-def _options(req: PretrainRequest, plan, run_id: str, store_url: str) -> dict[str, Any]:
-    return {
-        "run_id": run_id,
-        "store_url": None if "@" in store_url else store_url,  # passwords travel in the environment only
-        "data_dir": plan.data_dir,
-        "device": plan.device,
-        "gpus_arg": req.gpus,
-        "nproc": plan.nproc,
-        "world_size": plan.world_size,
-        "micro_batch": plan.micro_batch,
-        "grad_accumulation": plan.grad_accumulation,
-        "seq_len": plan.seq_len,
-        "max_steps": plan.max_steps,
-        "checkpoint_every": req.checkpoint_every,
-        "eval_every": req.eval_every,
-        "log_every": req.log_every or (1 if plan.device == "cpu" else 10),
-        "compile": plan.compile,
+def _options(req: PretrainRequest, plan, run_id: str, store_url: str) -> PretrainOptions:
+    return PretrainOptions(
+        run_id=run_id,
+        store_url=None if "@" in store_url else store_url,  # passwords travel in the environment only
+        data_dir=plan.data_dir,
+        device=plan.device,
+        gpus_arg=req.gpus,
+        nproc=plan.nproc,
+        world_size=plan.world_size,
+        micro_batch=plan.micro_batch,
+        grad_accumulation=plan.grad_accumulation,
+        seq_len=plan.seq_len,
+        max_steps=plan.max_steps,
+        checkpoint_every=req.checkpoint_every,
+        eval_every=req.eval_every,
+        log_every=req.log_every or (1 if plan.device == "cpu" else 10),
+        compile=plan.compile,
         # An sbatch job always resumes: a requeued (preempted) or resubmitted job continues from the
         # newest good checkpoint, and the first attempt, with none, starts fresh.
-        "resume": bool(req.resume) or bool(req.slurm),
-    }
+        resume=bool(req.resume) or bool(req.slurm),
+    )
 
 
 def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = None,
             on_event: Callable[[str], None] | None = None, on_line: Callable[[str], None] | None = None) -> dict:
     """Record and run; returns {run_id, label, status, step, metrics, error, run_dir, warnings}."""
-    import json
-
     from elmctl.store import Store
-    from elmctl.train.pretrain import write_run_files
 
     store = Store(req.store)
     try:
@@ -200,12 +190,12 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
             # the same instant one trains and the other stops here, naming the winner's pid.
             run = store.claim_run(req.resume, devices=_devices(plan))
             try:
-                old = json.loads(Path(run.run_dir, "options.json").read_text())
+                old = run_folder.read_options(run.run_dir)
                 opts = _options(req, plan, run.id, store.url)
-                for key in ("checkpoint_every", "eval_every"):
-                    opts[key] = opts[key] or old.get(key)
+                opts.checkpoint_every = opts.checkpoint_every or old.checkpoint_every
+                opts.eval_every = opts.eval_every or old.eval_every
                 run_dir = Path(run.run_dir)
-                (run_dir / "options.json").write_text(json.dumps(opts, indent=2))
+                run_folder.write_options(run_dir, opts)
             except BaseException as exc:  # never leave the claim behind as a queued run
                 store.record_failure(run.id, exc)
                 raise
@@ -217,10 +207,10 @@ def execute(req: PretrainRequest, plan, recipe, *, on_log: Callable | None = Non
                                    status="queued", devices=_devices(plan), config={})
             run_dir = Path(run.run_dir)
             opts = _options(req, plan, run.id, store.url)
-            opts["checkpoint_every"] = opts["checkpoint_every"] or pt.checkpoint_every
-            opts["eval_every"] = opts["eval_every"] or pt.eval_every
-            write_run_files(run_dir, recipe, opts)
-            store.update_run(run.id, config={k: v for k, v in opts.items() if k != "store_url"})
+            opts.checkpoint_every = opts.checkpoint_every or pt.checkpoint_every
+            opts.eval_every = opts.eval_every or pt.eval_every
+            run_folder.write(run_dir, recipe, opts)
+            store.update_run(run.id, config={k: v for k, v in run_folder.to_dict(opts).items() if k != "store_url"})
         plan.run_dir = str(run_dir)
         if req.slurm:
             if req.resume:  # the sbatch job owns it from here, not this (exiting) process
@@ -352,27 +342,15 @@ def _devices(plan) -> str:
 
 
 def _run_in_process(run_dir: Path, store_url: str, on_log, on_event):
-    from elmctl.train.pretrain import run_pretrain
+    from elmctl.train.pretrain.run import run_pretrain
+    from elmctl.train.worker import stop_on_signals
 
-    stop = {"flag": False}
-
-    def _stop(signum, _frame):
-        if stop["flag"] and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # second Ctrl-C: give up at once
-        stop["flag"] = True
+    def stopping() -> None:
         if on_event:
             on_event("stopping at the next step boundary (checkpoint, then cancelled)...")
 
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.signal(sig, _stop)
-    try:
-        return run_pretrain(run_dir, should_stop=lambda: stop["flag"], on_log=on_log, on_event=on_event,
-                            store_url=store_url)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with stop_on_signals(stopping) as should_stop:
+        return run_pretrain(run_dir, should_stop=should_stop, on_log=on_log, on_event=on_event, store_url=store_url)
 
 
 def _run_torchrun(plan, run, store, lease, on_line) -> int:
@@ -408,7 +386,7 @@ def _write_slurm(req, plan, run, store) -> dict:
     from elmctl.launch.slurm import write_sbatch
 
     path = write_sbatch(Path(plan.run_dir) / "train.sbatch", job_name=f"elmctl-{run.id}", nodes=req.nnodes,
-                        gpus_per_node=max(1, plan.nproc), command_args=["elmctl.train.worker", "--run-dir", plan.run_dir],
+                        gpus_per_node=max(1, plan.nproc), command_args=["elmctl.train.worker", "pretrain", plan.run_dir],
                         run_dir=plan.run_dir, env={"ELMCTL_STORE": store.url})
     return {"run_id": run.id, "label": run.label, "status": "queued", "step": 0, "metrics": {}, "error": None,
             "run_dir": plan.run_dir, "warnings": [f"submit with: sbatch {path}"]}

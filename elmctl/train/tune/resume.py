@@ -1,7 +1,8 @@
 """Continuing a tune run from an earlier attempt's checkpoint (the trial side of a resume).
 
-Part of :mod:`elmctl.train.tune`. The sweep driver names the candidates
-(:func:`elmctl.sweep.resume.resume_candidates`); ``elmctl tune --resume-from`` picks one here:
+Part of the tune job (:mod:`elmctl.train.tune`). The sweep driver names the candidates
+(:func:`elmctl.sweep.resume.resume_candidates`), a user names them with ``elmctl tune
+--resume-from``; :func:`elmctl.train.tune.launcher.record` picks one here:
 
 - :func:`choose`: the first candidate whose newest checkpoint verifies
   (:func:`elmctl.train.checkpoint.find_resumable`: per-file sha256 against the manifest and against
@@ -27,7 +28,8 @@ from elmctl._files import sha256_file, sha256_json
 from elmctl.errors import RuntimeFailure, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from elmctl.train.tune_batches import PairBatches
+    from elmctl.train.run_folder import TuneOptions
+    from elmctl.train.tune.batches import PairBatches
 
 __all__ = ["ResumePoint", "trial_identity", "topology", "compare", "choose", "describe", "load_resume_point",
            "copy_history"]
@@ -158,18 +160,18 @@ def choose(candidates: Iterable[str], store: Any, identity: dict[str, Any],
     return None, reasons
 
 
-def load_resume_point(opt: dict, runner, optimizer, batches: PairBatches, store, run_id: str, event: Callable, info) -> int:
-    """Load ``opt["resume"]`` into the model, optimizer, data position and RNG; its step (0: none).
+def load_resume_point(opt: TuneOptions, runner, optimizer, batches: PairBatches, store, run_id: str, event: Callable, info) -> int:
+    """Load ``opt.resume`` into the model, optimizer, data position and RNG; its step (0: none).
 
     Called after the reference model copied the base, so the reference stays the base.
     """
     from elmctl.train.checkpoint import CheckpointInfo, restore_training_state
 
-    point = opt.get("resume")
-    for note in opt.get("resume_notes") or []:
+    point = opt.resume
+    for note in opt.resume_notes:
         event(f"resume: {note}")
     if not point:
-        if opt.get("resume_from"):
+        if opt.resume_from:
             event("not resuming: no compatible checkpoint among the earlier attempts; starting from the base weights")
         return 0
     step = int(point["step"])

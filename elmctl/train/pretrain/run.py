@@ -4,117 +4,33 @@ The same function serves the in-process path (one process, called by ``elmctl pr
 torchrun worker (``elmctl.train.worker``). Everything it needs is in the run folder:
 
     <run_dir>/recipe.json    the resolved recipe (``Recipe.model_dump(mode="json")``)
-    <run_dir>/options.json   launch options (see :func:`write_run_files`), incl. run id and store URL
+    <run_dir>/options.json   :class:`~elmctl.train.run_folder.PretrainOptions`, incl. run id and store URL
     <run_dir>/train.log      progress lines (rank 0)
     <run_dir>/checkpoints/   see :mod:`elmctl.train.checkpoint`
 
-Data order is deterministic: optimizer step s reads global sequences [s*G, (s+1)*G) of the train
-split (G = global batch), sequence i being tokens [i*T, i*T + T] (T+1 tokens: inputs and shifted
-labels); rank r reads its contiguous share, micro-batch by micro-batch. The data position is
-therefore the step count, and a resumed run reads exactly what an uninterrupted one would.
+Data order is deterministic (:class:`~elmctl.train.pretrain.batches.PretrainBatches`): the data
+position is the step count, and a resumed run reads exactly what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
-import numpy as np
 import torch
 
 from elmctl.train import dist as D
+from elmctl.train import run_folder
 from elmctl.train.checkpoint import restore_training_state, save_checkpoint
 from elmctl.train.loop import Hooks, LoopConfig, LoopResult, train
-from elmctl.train.objectives import lm_objective, shift_labels
+from elmctl.train.objectives import lm_objective
 from elmctl.train.optim import build_adamw
+from elmctl.train.pretrain.batches import PretrainBatches
 from elmctl.train.schedule import pretrain_schedule
 
-__all__ = ["PretrainBatches", "write_run_files", "read_run_files", "run_pretrain", "gpu_peak_flops"]
-
-
-class PretrainBatches:
-    """This rank's micro-batches of packed sequences: {input_ids, labels} [micro_batch, T] (CPU)."""
-
-    def __init__(self, dataset, *, seq_len: int, micro_batch: int, grad_accumulation: int, rank: int = 0,
-                 world_size: int = 1, pad_id: int | None = None, pin: bool = False):
-        self.dataset, self.seq_len, self.micro_batch = dataset, seq_len, micro_batch
-        self.grad_accumulation, self.rank, self.world_size = grad_accumulation, rank, world_size
-        self.pad_id, self.pin = pad_id, pin
-        self.global_batch = micro_batch * grad_accumulation * world_size
-        self.next_sequence = 0  # first global sequence of the current optimizer step
-        self.micro = 0  # micro-batches of this step already handed out
-
-    def sequences(self, first: int, count: int) -> torch.Tensor:
-        T = self.seq_len
-        span = self.dataset.read(first * T, count * T + 1)  # consecutive sequences share boundaries
-        rows = np.lib.stride_tricks.sliding_window_view(span, T + 1)[::T][:count]
-        return torch.from_numpy(np.ascontiguousarray(rows))
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        per_rank = self.micro_batch * self.grad_accumulation
-        first = self.next_sequence + self.rank * per_rank + self.micro * self.micro_batch
-        tokens = self.sequences(first, self.micro_batch)
-        if self.pin:
-            tokens = tokens.pin_memory()
-        self.micro += 1
-        if self.micro == self.grad_accumulation:
-            self.micro = 0
-            self.next_sequence += self.global_batch
-        ids, labels = shift_labels(tokens, self.pad_id)
-        return {"input_ids": ids, "labels": labels}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"next_sequence": self.next_sequence, "micro": self.micro, "global_batch": self.global_batch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.next_sequence, self.micro = int(state["next_sequence"]), int(state["micro"])
-
-
-def gpu_peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the detected GPU (``GPU_PEAK_BF16_FLOPS``), None on CPU/unknown cards."""
-    if device.type != "cuda":
-        return None
-    from elmctl.config.derived import GPU_PEAK_BF16_FLOPS
-
-    name = torch.cuda.get_device_name(device).upper()
-    return next((v for k, v in GPU_PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-class RunLog:
-    """Timestamped lines to the run's log file (rank 0) and to an ``on_event`` callback (the CLI)."""
-
-    def __init__(self, path: Path | None, on_event: Callable[[str], None] | None, is_main: bool):
-        self._file = open(path, "a") if (is_main and path is not None) else None
-        self._on_event = on_event if is_main else None
-
-    def __call__(self, msg: str) -> None:
-        if self._file:
-            self._file.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
-            self._file.flush()
-        if self._on_event:
-            self._on_event(msg)
-
-    def close(self) -> None:
-        if self._file:
-            self._file.close()
-
-
-def write_run_files(run_dir: Path, recipe, options: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
-    (run_dir / "options.json").write_text(json.dumps(options, indent=2))
-
-
-def read_run_files(run_dir: Path):
-    from elmctl.config.schema import Recipe
-
-    recipe = Recipe.model_validate(json.loads((run_dir / "recipe.json").read_text()))
-    options = json.loads((run_dir / "options.json").read_text())
-    return recipe, options
+__all__ = ["run_pretrain", "PretrainResult"]
 
 
 @dataclass
@@ -127,9 +43,9 @@ class PretrainResult:
 
 
 def _make_eval(objective, dataset, options, info: D.DistInfo, pad_id) -> Callable:
-    mb = options["micro_batch"]
-    n_batches = max(1, options.get("eval_sequences", 64) // (mb * info.world_size))
-    source = PretrainBatches(dataset, seq_len=options["seq_len"], micro_batch=mb, grad_accumulation=n_batches,
+    mb = options.micro_batch
+    n_batches = max(1, options.eval_sequences // (mb * info.world_size))
+    source = PretrainBatches(dataset, seq_len=options.seq_len, micro_batch=mb, grad_accumulation=n_batches,
                              rank=info.rank, world_size=info.world_size, pad_id=pad_id)
 
     def eval_fn(forward) -> dict[str, float]:
@@ -166,19 +82,20 @@ def run_pretrain(
     from elmctl.train.nodes import agree_on_checkpoint, follow_head
 
     run_dir = Path(run_dir)
-    recipe, opt = read_run_files(run_dir)
-    device_type = opt["device"]
+    recipe, opt = run_folder.read(run_dir)
+    device_type = opt.device
     info = D.init_distributed(device_type)
     # Several nodes started by hand each have their own run record: all train global rank 0's run.
     own_recipe = recipe.model_dump(mode="json")
-    head_recipe, opt, role, notes = follow_head(own_recipe, opt, info)
+    head_recipe, head_opt, role, notes = follow_head(own_recipe, run_folder.to_dict(opt), info)
+    opt = run_folder.from_dict("pretrain", head_opt)
     if head_recipe != own_recipe:
         recipe = Recipe.model_validate(head_recipe)
     pt, mcfg = recipe.pretrain, recipe.model
     records = info.is_main or role.records_node_run  # rank 0: the run; a node's first process: its record
-    store = Store(store_url or os.environ.get("ELMCTL_STORE") or opt.get("store_url")) if records else None
-    run_id = opt["run_id"]
-    event = RunLog(run_dir / log_path if log_path else None, on_event, records)
+    store = Store(store_url or os.environ.get("ELMCTL_STORE") or opt.store_url) if records else None
+    run_id = opt.run_id
+    event = run_folder.RunLog(run_dir / log_path if log_path else None, on_event, records)
     warnings: list[str] = []
     for note in notes:
         event("note: " + note)
@@ -186,13 +103,13 @@ def run_pretrain(
         event(f"node {role.node_rank} of {role.nnodes}: metrics and checkpoints go to the head node's run "
               f"{role.head_run_id}")
 
-    try:
+    with run_folder.recording(store, run_id, event):
         D.seed_everything(pt.seed)
         from elmctl.model import OpenELM
 
         model = OpenELM(mcfg, activation_checkpointing=pt.activation_checkpointing)
         on_gpu = device_type == "cuda"
-        runner = D.wrap_model(model, device=info.device, compile_model=bool(opt["compile"]),
+        runner = D.wrap_model(model, device=info.device, compile_model=bool(opt.compile),
                               fsdp=pt.fsdp and info.world_size > 1, fsdp_bf16=pt.precision == "bf16" and on_gpu,
                               attention_backend=pt.attention_backend)
         if pt.fsdp and info.world_size > 1:
@@ -201,18 +118,18 @@ def run_pretrain(
                                 weight_decay=pt.weight_decay)
         objective = lm_objective(z_loss_coef=pt.z_loss_coef if pt.z_loss else 0.0)
         pad_id = mcfg.pad_token_id
-        train_data = TokenDataset(opt["data_dir"], "train")
-        batches = PretrainBatches(train_data, seq_len=opt["seq_len"], micro_batch=opt["micro_batch"],
-                                  grad_accumulation=opt["grad_accumulation"], rank=info.rank,
+        train_data = TokenDataset(opt.data_dir, "train")
+        batches = PretrainBatches(train_data, seq_len=opt.seq_len, micro_batch=opt.micro_batch,
+                                  grad_accumulation=opt.grad_accumulation, rank=info.rank,
                                   world_size=info.world_size, pad_id=pad_id, pin=on_gpu)
         try:
-            eval_fn = _make_eval(objective, TokenDataset(opt["data_dir"], "val"), opt, info, pad_id)
+            eval_fn = _make_eval(objective, TokenDataset(opt.data_dir, "val"), opt, info, pad_id)
         except Exception as exc:  # no validation split: train without evaluation
             eval_fn = None
             event(f"no validation data ({exc}); evaluation off")
 
         start_step = 0
-        if opt.get("resume"):
+        if opt.resume:
             expected = {}
             if info.is_main:
                 expected = {c.step: c.meta.get("sha256") for c in store.checkpoints(run_id) if c.meta.get("sha256")}
@@ -229,13 +146,13 @@ def run_pretrain(
         from elmctl.config.derived import flops_per_token
 
         G = batches.global_batch
-        flops = flops_per_token(mcfg, opt["seq_len"])
+        flops = flops_per_token(mcfg, opt.seq_len)
         cfg = LoopConfig(
-            max_steps=opt["max_steps"], grad_accumulation=opt["grad_accumulation"], grad_clip=pt.grad_clip,
-            precision=pt.precision if on_gpu else "fp32", log_every=opt["log_every"],
-            eval_every=opt.get("eval_every"), checkpoint_every=opt.get("checkpoint_every"),
-            tokens_per_step=G * opt["seq_len"], flops_per_token=flops,
-            peak_flops_per_device=gpu_peak_flops(info.device),
+            max_steps=opt.max_steps, grad_accumulation=opt.grad_accumulation, grad_clip=pt.grad_clip,
+            precision=pt.precision if on_gpu else "fp32", log_every=opt.log_every,
+            eval_every=opt.eval_every, checkpoint_every=opt.checkpoint_every,
+            tokens_per_step=G * opt.seq_len, flops_per_token=flops,
+            peak_flops_per_device=D.gpu_peak_flops(info.device),
         )
 
         def on_checkpoint(step: int, final: bool) -> None:
@@ -245,8 +162,8 @@ def run_pretrain(
             if info.is_main:
                 tstate = {"step": step, "data": batches.state_dict(), "rng": rngs,
                           "schedule": {"kind": "corenet_cosine", "step": step}}
-                meta = {"world_size": info.world_size, "global_batch": G, "micro_batch": opt["micro_batch"],
-                        "grad_accumulation": opt["grad_accumulation"], "recipe_id": recipe.id, "run_id": run_id}
+                meta = {"world_size": info.world_size, "global_batch": G, "micro_batch": opt.micro_batch,
+                        "grad_accumulation": opt.grad_accumulation, "recipe_id": recipe.id, "run_id": run_id}
                 ckpt = save_checkpoint(run_dir, step, model_state=mstate, optimizer_state=ostate,
                                        train_state=tstate, keep=pt.keep_checkpoints, final=final, meta=meta)
                 store.add_checkpoint(run_id, step, str(ckpt.path), meta={**meta, "sha256": ckpt.sha256, "final": final})
@@ -274,10 +191,10 @@ def run_pretrain(
             store.update_run(run_id, status="running", pid=os.getpid(), error=None)
             if role.nnodes > 1:  # link the records of a job whose nodes were started by hand
                 link = {"node_runs": role.node_runs} if info.is_main else {"head_run": role.head_run_id}
-                config = {**store.get_run(run_id).config, **{k: v for k, v in opt.items() if k != "store_url"}}
+                config = {**store.get_run(run_id).config, **{k: v for k, v in head_opt.items() if k != "store_url"}}
                 store.update_run(run_id, config={**config, "nnodes": role.nnodes, "node_rank": role.node_rank, **link})
         event(f"training steps {start_step + 1}..{cfg.max_steps}: {info.world_size} process(es) x "
-              f"{opt['micro_batch']} x {opt['grad_accumulation']} = {G} sequences of {opt['seq_len']} tokens")
+              f"{opt.micro_batch} x {opt.grad_accumulation} = {G} sequences of {opt.seq_len} tokens")
         result: LoopResult = train(
             runner, optimizer, objective, batches, cfg, lr_at=pretrain_schedule(pt), device=info.device,
             start_step=start_step, eval_fn=eval_fn,
@@ -295,15 +212,3 @@ def run_pretrain(
             store.update_run(run_id, status=result.status, step=result.step, error=error)
         event(f"{result.status} at step {result.step}" + (f": {error}" if error else ""))
         return PretrainResult(result.status, result.step, result.metrics, warnings, error)
-    except BaseException as exc:
-        if store is not None and not isinstance(exc, KeyboardInterrupt):
-            store.record_failure(run_id, exc)  # best effort: a full disk may hold the store too
-        try:
-            event(f"failed: {type(exc).__name__}: {exc}")
-        except OSError:
-            pass  # the log is on that disk as well; the exception below still says what happened
-        raise
-    finally:
-        event.close()
-        if store is not None:
-            store.close()
