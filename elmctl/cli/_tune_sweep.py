@@ -58,7 +58,11 @@ def sweep_cmd(
     parallel: Annotated[int, typer.Option("--parallel", min=1, max=MAX_PROCS, help="With --device cpu: trials at a time (cores are shared).")] = 1,
     study: Annotated[Optional[str], typer.Option("--study", help=f"Study name (default: derived from recipe, base, data, loss and metric, so the same command resumes). A new study's name: {NAME_RULE}.")] = None,
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default: the store's database). Several machines: the same postgresql:// URL and --study on each.")] = None,
-    metric: Annotated[str, typer.Option("--metric", help="eval_loss (minimised) or reward_accuracy (maximised), at the last epoch.")] = "eval_loss",
+    metric: Annotated[str, typer.Option("--metric", help="eval_loss (minimised) or reward_accuracy (maximised), at the last epoch; with --eval-tasks also a benchmark TASK/METRIC or SUITE/avg (e.g. openelm-zero-shot/avg, arc_easy/acc_norm), the paper's criterion.")] = "eval_loss",
+    eval_tasks: Annotated[Optional[str], typer.Option("--eval-tasks", help="lm-evaluation-harness tasks and/or suites (openelm-zero-shot, ...) each trial evaluates after every epoch (elmctl eval's rules: offline, local data); results go to the store and the pruner sees --metric.")] = None,
+    include_path: Annotated[Optional[list[str]], typer.Option("--include-path", help="With --eval-tasks: a folder of task YAML files (local tasks, local data); repeatable.")] = None,
+    eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="With --eval-tasks: at most N samples per task (quicker, noisier).")] = None,
+    eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", min=1, max=4096, help="With --eval-tasks: sequences per forward pass.")] = 16,
     pruner: Annotated[str, typer.Option("--pruner", help="none, or median: stop a trial whose epoch-k value is worse than the median of finished trials at epoch k (after 2 finished).")] = "none",
     max_retries: Annotated[int, typer.Option("--max-retries", min=0, max=100, help="Reruns of a cell whose trial failed.")] = 1,
     sampler: Annotated[str, typer.Option("--sampler", help="grid (every lr x epochs cell once) or tpe (--n-trials over the same ranges).")] = "grid",
@@ -119,8 +123,18 @@ def sweep_cmd(
     lr_grid = C.parse_lrs(lrs) if lrs is not None else tuple(float(x) for x in rec.instruct.lr_grid)
     ep_grid = C.parse_epochs(epochs) if epochs is not None else tuple(int(x) for x in rec.instruct.epoch_grid)
     loss = check_loss(loss, rec)
-    if metric not in METRIC_DIRECTIONS or metric == "reward_margin":
-        raise UsageError(f"--metric {metric!r}: expected eval_loss or reward_accuracy")
+    epoch_eval = None
+    if eval_tasks is not None:  # checked (lm-eval present, tasks known, data local) before any trial
+        epoch_eval, metric = _epoch_eval(eval_tasks, metric, include_path, eval_limit, eval_batch_size)
+        if rec.instruct.sharding != "none" and device != "cpu" and gpus_per_trial > 1:
+            raise UsageError("--eval-tasks evaluates a trial's full model after each epoch; with "
+                             f"instruct.sharding {rec.instruct.sharding} over --gpus-per-trial {gpus_per_trial} it is sharded",
+                             "use --gpus-per-trial 1, or --set instruct.sharding=none, or evaluate afterwards with elmctl eval")
+    elif include_path or eval_limit is not None or eval_batch_size != 16:
+        raise UsageError("--include-path, --eval-limit and --eval-batch-size go with --eval-tasks")
+    elif metric not in METRIC_DIRECTIONS or metric == "reward_margin":
+        hint = "a benchmark metric (TASK/METRIC) needs --eval-tasks" if "/" in metric else None
+        raise UsageError(f"--metric {metric!r}: expected eval_loss or reward_accuracy", hint)
     if pruner not in ("none", "median"):
         raise UsageError(f"--pruner {pruner!r}: expected none or median")
     if sampler not in ("grid", "tpe"):
@@ -161,7 +175,8 @@ def sweep_cmd(
     spec = SweepSpec(recipe=_recipe_spec(recipe), base=str(b.path),
                      data=str(data_dir), lrs=lr_grid, epochs=ep_grid, loss=loss, study="", storage_url=storage_url,
                      store_url=st.url, metric=metric, pruner=pruner, max_retries=max_retries, sampler=sampler,
-                     n_trials=n_trials, overrides=tuple(set_ or ()), precompute_ref=precompute_ref, seed=rec.instruct.seed)
+                     n_trials=n_trials, overrides=tuple(set_ or ()), precompute_ref=precompute_ref, seed=rec.instruct.seed,
+                     epoch_eval=epoch_eval)
     from dataclasses import replace
 
     spec = replace(spec, study=study or _default_study(spec.identity(), rec.id))
@@ -222,6 +237,28 @@ def _slurm_gpus(gpus: str | None, device: str | None) -> int:
         raise UsageError(f"--slurm needs --gpus N, the GPUs per node (1..{MAX_PROCS}), not {gpus or 'the default (all)'}",
                          "each array task asks Slurm for N GPUs on its node and uses them all; or --device cpu")
     return int(text)
+
+
+def _epoch_eval(tasks: str, metric: str, include_path: list[str] | None, limit: int | None, batch_size: int):
+    """``--eval-tasks``: the :class:`EpochEval` trials run and the normalised ``--metric`` (a DPO metric
+    stays as it is). Raises UsageError for a missing lm-eval, unknown tasks, data not local, or a
+    benchmark metric the tasks do not produce."""
+    from pathlib import Path
+
+    from elmctl.eval import expand_tasks, metric_key, prepare_tasks, require_lm_eval
+    from elmctl.train.metric_keys import METRIC_DIRECTIONS
+    from elmctl.train.run_folder import EpochEval
+
+    require_lm_eval()
+    requests, suites = expand_tasks(tasks)
+    paths = tuple(str(Path(p).expanduser().resolve()) for p in include_path or ())
+    prepare_tasks(requests, list(paths))  # every task built with its data, offline, before any trial
+    if metric not in METRIC_DIRECTIONS:
+        metric = metric_key(metric, requests, suites)
+    elif metric == "reward_margin":
+        raise UsageError(f"--metric {metric!r}: expected eval_loss, reward_accuracy or a benchmark TASK/METRIC")
+    ranked = metric if metric not in METRIC_DIRECTIONS else None  # None: recorded, the DPO metric ranks
+    return EpochEval(tasks=tasks, metric=ranked, include_path=paths, limit=limit, batch_size=batch_size), metric
 
 
 def _write_slurm(spec, store: str, storage: str | None, nodes: int, gpus_per_node: int, gpus_per_trial: int,

@@ -1,6 +1,6 @@
 """`elmctl eval`: lm-evaluation-harness on a run, checkpoint or HF folder, through elmctl's own model.
 
-Parses, calls :func:`elmctl.eval.evaluate` (which never prints), renders. lm_eval is imported only
+Parses, calls :func:`elmctl.train.tools.evaluate.evaluate` (which never prints), renders. lm_eval is imported only
 when the command runs, so `elmctl --help` stays fast.
 """
 
@@ -54,7 +54,7 @@ def eval_cmd(
 
     Example: elmctl eval my-run --tasks openelm-zero-shot --limit 200
     """
-    from elmctl.eval import evaluate
+    from elmctl.train.tools.evaluate import evaluate
 
     _quiet()
     result = evaluate(source, tasks, num_fewshot=num_fewshot, limit=limit,

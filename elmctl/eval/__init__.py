@@ -1,13 +1,15 @@
 """lm-evaluation-harness through elmctl's own OpenELM: suites, evaluations, results in the store.
 
-    from elmctl.eval import evaluate_run, metric_value
-    result = evaluate_run(store, run_id, "openelm-zero-shot", include_path=["tasks/"], limit=200)
+    from elmctl.eval import evaluate_model, metric_value
+    result = evaluate_model(model, tokenizer, "openelm-zero-shot", include_path=["tasks/"], limit=200)
     metric_value(result, "openelm-zero-shot/avg")     # or "arc_easy/acc_norm"
+
+A run, checkpoint or HF folder (weights resolved, result recorded): :mod:`elmctl.train.tools.evaluate`.
 
 - :mod:`elmctl.eval.suites` - the paper's three suites, result keys, suite averages, :func:`metric_value`
 - :mod:`elmctl.eval.tasks` - building harness tasks offline (before any model is loaded)
 - :mod:`elmctl.eval.lm` - :class:`ElmctlLM`, our model behind the harness's LM interface
-- :func:`evaluate` / :func:`evaluate_run` / :func:`evaluate_model` - one evaluation;
+- :func:`evaluate_model` - one evaluation of a model in memory;
   :func:`record_evaluation` - store an :func:`evaluate_model` result
 
 Importing this package is cheap: lm_eval and torch load inside the functions.
@@ -27,10 +29,9 @@ from elmctl.eval.suites import (
     suite_averages,
 )
 
-__all__ = ["SUITES", "expand_tasks", "metric_value", "metric_direction", "metric_key", "split_metric", "suite_averages", "EvalResult", "evaluate",
-           "evaluate_run", "evaluate_model", "record_evaluation", "prepare_tasks", "require_lm_eval", "resolve_devices"]
+__all__ = ["SUITES", "expand_tasks", "metric_value", "metric_direction", "metric_key", "split_metric", "suite_averages", "EvalResult", "evaluate_model", "record_evaluation", "check_inputs", "prepare_tasks", "require_lm_eval", "resolve_devices"]
 
-_LAZY = {"EvalResult", "evaluate", "evaluate_run", "evaluate_model", "record_evaluation", "require_lm_eval",
+_LAZY = {"EvalResult", "evaluate_model", "record_evaluation", "check_inputs", "require_lm_eval",
          "resolve_devices"}
 
 

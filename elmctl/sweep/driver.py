@@ -299,7 +299,7 @@ class SweepDriver:
                 device="cpu" if first.devices is None else None, store=spec.store_url, overrides=list(spec.overrides),
                 # a count, as each trial sees only its slot's GPUs; the slot's own indices replace the pick
                 gpus=None if first.devices is None else str(len(first.devices)),
-                precompute_ref=spec.precompute_ref), store=self.store)
+                precompute_ref=spec.precompute_ref, epoch_eval=spec.epoch_eval), store=self.store)
         plan = for_cell(self._plan, lr=cell.lr, epochs=cell.epochs)
         return replace(plan, gpus=list(slot.devices or []),
                        req=replace(plan.req, run_id=run_id, study=self.spec.study, trial=number, resume_from=candidates))
@@ -346,7 +346,7 @@ class SweepDriver:
         if not epochs or {int(round(v)) for v in epochs.values()} <= known:
             return {}
         by_step: dict[int, dict[str, float]] = {step: {"epoch": v} for step, v in epochs.items()}
-        for key in EVAL_KEYS:
+        for key in dict.fromkeys((*EVAL_KEYS, self.spec.metric)):  # + a benchmark metric (--eval-tasks)
             for m in self.store.metrics(run_id, key):
                 if m.step in by_step:
                     by_step[m.step][key] = m.value

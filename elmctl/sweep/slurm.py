@@ -66,6 +66,12 @@ def task_command(spec: SweepSpec, *, gpus_per_trial: int, parallel: int | None, 
         args += ["--set", ov]
     if spec.precompute_ref:
         args.append("--precompute-ref")
+    if spec.epoch_eval is not None:
+        ev = spec.epoch_eval
+        args += ["--eval-tasks", ev.tasks, "--eval-batch-size", str(ev.batch_size)]
+        args += [a for p in ev.include_path for a in ("--include-path", p)]
+        if ev.limit is not None:
+            args += ["--eval-limit", str(ev.limit)]
     if parallel is not None:
         args += ["--device", "cpu", "--parallel", str(parallel)]
     else:

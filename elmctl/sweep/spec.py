@@ -11,6 +11,7 @@ from typing import Any
 
 from elmctl.sweep.cells import Cell, grid_cells
 from elmctl.train.metric_keys import METRIC_DIRECTIONS
+from elmctl.train.run_folder import EpochEval
 
 __all__ = ["SweepSpec"]
 
@@ -36,10 +37,15 @@ class SweepSpec:
     overrides: tuple[str, ...] = ()
     precompute_ref: bool = False
     seed: int = 42
+    epoch_eval: EpochEval | None = None  # --eval-tasks: benchmarks after each epoch; metric may be TASK/METRIC
 
     @property
     def direction(self) -> str:
-        return METRIC_DIRECTIONS[self.metric]
+        if self.metric in METRIC_DIRECTIONS:
+            return METRIC_DIRECTIONS[self.metric]
+        from elmctl.eval import metric_direction  # a benchmark metric (TASK/METRIC), see elmctl.eval
+
+        return metric_direction(self.metric)
 
     @property
     def cells(self) -> list[Cell]:
@@ -48,4 +54,5 @@ class SweepSpec:
     def identity(self) -> dict[str, Any]:
         """What must not change when the study is resumed."""
         return {"recipe": self.recipe, "base": self.base, "data": self.data, "loss": self.loss,
-                "metric": self.metric, "sampler": self.sampler, "overrides": list(self.overrides)}
+                "metric": self.metric, "sampler": self.sampler, "overrides": list(self.overrides),
+                **({"eval_tasks": self.epoch_eval.tasks, "eval_limit": self.epoch_eval.limit} if self.epoch_eval else {})}

@@ -27,7 +27,7 @@ from typing import Any, Callable, ClassVar, Iterator, Union
 
 from elmctl.errors import UsageError
 
-__all__ = ["LaunchRequest", "PretrainOptions", "TuneOptions", "Options", "write", "write_options", "read", "read_options", "read_recipe",
+__all__ = ["LaunchRequest", "PretrainOptions", "TuneOptions", "EpochEval", "Options", "write", "write_options", "read", "read_options", "read_recipe",
            "is_run_folder", "RunLog", "recording"]
 
 
@@ -74,6 +74,20 @@ class PretrainOptions:
     eval_sequences: int = 64  # validation sequences per evaluation
 
 
+@dataclass(frozen=True)
+class EpochEval:
+    """Benchmarks a tune run (a sweep trial) evaluates after each epoch with lm-evaluation-harness
+    (``tune-sweep --eval-tasks``); ``metric`` (TASK/METRIC) is logged with the epoch's DPO metrics,
+    so the sweep ranks and prunes by it. See :mod:`elmctl.eval`."""
+
+    tasks: str  # harness tasks and/or suites, comma-separated
+    metric: str | None = None  # logged each epoch (elmctl.eval.metric_key's form: "openelm-zero-shot/avg",
+    #                            "arc_easy/acc_norm"); None: only recorded in the evaluations table
+    include_path: tuple[str, ...] = ()
+    limit: int | None = None
+    batch_size: int = 16
+
+
 @dataclass
 class TuneOptions:
     """How a tune run (or a sweep trial) trains: what :mod:`elmctl.train.tune.launcher` prepared."""
@@ -99,6 +113,7 @@ class TuneOptions:
     resume_from: list[str] = field(default_factory=list)  # candidate runs to continue from
     resume: dict[str, Any] | None = None  # the chosen :class:`~elmctl.train.tune.resume.ResumePoint`
     resume_notes: list[str] = field(default_factory=list)  # why candidates were passed over
+    epoch_eval: EpochEval | None = None  # benchmarks after each epoch (tune-sweep --eval-tasks)
 
 
 Options = Union[PretrainOptions, TuneOptions]
@@ -118,6 +133,14 @@ def from_dict(job: str, data: dict[str, Any]) -> Options:
         data["resume_from"] = [r for r in (data.get("resume_from") or "").split(",") if r] \
             if not isinstance(data.get("resume_from"), list) else data["resume_from"]
         data["resume_notes"] = list(data.get("resume_notes") or [])
+        ev = data.get("epoch_eval")
+        if ev is not None:
+            if not isinstance(ev, dict) or not isinstance(ev.get("tasks"), str):
+                raise UsageError("options.json of this tune run has a damaged epoch_eval",
+                                 hint="the run folder is damaged or was not written by elmctl; it cannot be resumed")
+            known_ev = {f.name for f in dataclasses.fields(EpochEval)}
+            ev = {k: v for k, v in ev.items() if k in known_ev}
+            data["epoch_eval"] = EpochEval(**{**ev, "include_path": tuple(ev.get("include_path") or ())})
     fields = dataclasses.fields(cls)
     missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]

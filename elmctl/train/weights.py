@@ -17,7 +17,7 @@ from typing import Any
 
 from elmctl.errors import UsageError
 
-__all__ = ["EXPORT_INFO", "ModelSource", "resolve_source", "load_model", "load_source_tokenizer"]
+__all__ = ["EXPORT_INFO", "ModelSource", "resolve_source", "load_model", "load_source_tokenizer", "data_tokenizer"]
 
 EXPORT_INFO = "elmctl_export.json"  # written by `elmctl export` next to config.json
 
@@ -38,7 +38,7 @@ class ModelSource:
     tokenizer: str | None = None  # tokenizer spec, when the source records one
 
 
-def _data_tokenizer(data_dir: str | None) -> str | None:
+def data_tokenizer(data_dir: str | None) -> str | None:
     """The tokenizer spec in a prepared data folder's manifest.json (None when unknown)."""
     from elmctl.data._manifest import read_manifest
 
@@ -102,7 +102,7 @@ class _Resolver:
                 ckpt.name.split("-", 1)[1].isdigit() else None
         return ModelSource("checkpoint", ckpt, f"{label} ({ckpt.name})", run_kind,
                            run_dir if (run_dir / "recipe.json").is_file() else None, run_id or opts.get("run_id"),
-                           step, _data_tokenizer(opts.get("data_dir")))
+                           step, data_tokenizer(opts.get("data_dir")))
 
     def from_hf(self, p: Path) -> ModelSource:
         from elmctl._files import MAX_CONFIG_JSON_BYTES, read_json_bounded

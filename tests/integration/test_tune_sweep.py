@@ -231,3 +231,51 @@ def _alive(pid: int) -> bool:
     from elmctl.sweep.study import process_alive
 
     return process_alive(int(pid))
+
+
+def test_sweep_ranks_cells_by_a_benchmark_metric(assets, tmp_path):
+    """--eval-tasks: each trial runs lm-evaluation-harness after every epoch (a local multiple-choice
+    task from the held-out pairs); --metric TASK/METRIC is what Optuna is told, per epoch and at the
+    end, and the best cell is the one with the highest accuracy; every evaluation is in the store."""
+    pytest.importorskip("lm_eval")
+    from elmctl.data.demo import EVAL_TASK, write_eval_task
+    from elmctl.store import Store
+
+    tasks = write_eval_task(assets / "prefs.jsonl", tmp_path / "tasks")
+    db = tmp_path / "ev.db"
+    r = _sweep(assets, tmp_path, db, "--lrs", "1e-5,3e-3", "--epochs", "2", "--parallel", "2",
+               "--eval-tasks", EVAL_TASK, "--include-path", str(tasks), "--metric", f"{EVAL_TASK}/acc",
+               "--format", "json", timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert out["metric"] == f"{EVAL_TASK}/acc" and out["direction"] == "maximize"
+    trials = [t for t in _trials(db) if t.state.name == "COMPLETE"]
+    assert len(trials) == 2
+    st = Store(f"sqlite:///{db}")
+    for t in trials:
+        evals = [e for e in st.evaluations(t.user_attrs["run_id"]) if e.task == EVAL_TASK and e.metric == "acc"]
+        assert [e.name for e in evals] == ["epoch-1", "epoch-2"]
+        assert sorted(t.intermediate_values) == [1, 2]
+        assert t.intermediate_values[2] == pytest.approx(evals[-1].value) == pytest.approx(t.value)
+    best = max(trials, key=lambda t: t.value)
+    assert out["best"]["number"] == best.number and out["best"]["value"] == pytest.approx(best.value)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--metric", "demo_compare/acc"], "needs --eval-tasks"),
+    (["--eval-limit", "5"], "go with --eval-tasks"),
+    (["--eval-tasks", "demo_compare", "--metric", "arc_easy/acc"], "is not evaluated"),
+    (["--eval-tasks", "no_such_task_here"], "no_such_task_here"),
+])
+def test_eval_tasks_bad_input_exits_2_before_any_trial(assets, tmp_path, cli, args, needle, monkeypatch):
+    pytest.importorskip("lm_eval")
+    from elmctl.data.demo import write_eval_task
+
+    monkeypatch.setenv("ELMCTL_HOME", str(tmp_path / "home"))
+    tasks = write_eval_task(assets / "prefs.jsonl", tmp_path / "tasks")
+    db = tmp_path / "bad.db"
+    extra = ["--include-path", str(tasks)] if "--eval-tasks" in args else []
+    r = cli(*_cmd(assets, db, *args, *extra)[3:])
+    assert r.code == 2, r.err
+    assert needle in r.err.replace("\n", " ")
+    assert not optuna.get_all_study_summaries(f"sqlite:///{db}") if db.exists() else True

@@ -90,6 +90,18 @@ def test_the_array_script(assets, tmp_path):
     text = nopw.read_text()
     assert stat.S_IMODE(nopw.stat().st_mode) == 0o755 and "#SBATCH --array=0-0" in text
     assert "--gpus-per-node" not in text and "--device cpu --parallel 2 --study" in text
+    from dataclasses import replace
+
+    from elmctl.train.run_folder import EpochEval
+
+    ev = EpochEval(tasks="openelm-zero-shot", metric="openelm-zero-shot/avg", include_path=("/t",), limit=20)
+    with_eval = write_sweep_sbatch(replace(spec, metric=ev.metric, epoch_eval=ev), store_url=PG, home=tmp_path / "h3",
+                                   nodes=1, gpus_per_node=8, gpus_per_trial=1)
+    argv = shlex.split(with_eval.read_text().split("srun ", 1)[1].split("\n", 2)[1])
+    assert argv[argv.index("--metric") + 1] == "openelm-zero-shot/avg"
+    for flag, value in (("--eval-tasks", "openelm-zero-shot"), ("--include-path", "/t"), ("--eval-limit", "20"),
+                        ("--eval-batch-size", "16")):
+        assert argv[argv.index(flag) + 1] == value, flag
 
 
 @pytest.mark.parametrize("store, needle", [

@@ -110,3 +110,19 @@ def test_damaged_options_are_an_input_error(tmp_path, text, said):
     (tmp_path / "options.json").write_text(text)
     with pytest.raises(UsageError, match=said):
         run_folder.read_options(tmp_path)
+
+
+def test_epoch_eval_round_trips_and_a_damaged_one_is_an_input_error(tmp_path):
+    """tune-sweep --eval-tasks reaches the trial's worker through the typed folder, nothing else."""
+    from elmctl.errors import UsageError
+    from elmctl.train.run_folder import EpochEval
+
+    ev = EpochEval(tasks="openelm-zero-shot,demo_compare", metric="openelm-zero-shot/avg",
+                   include_path=("/t/a", "/t/b"), limit=50, batch_size=8)
+    run_folder.write(tmp_path, load_recipe("tiny"), _tune(epoch_eval=ev))
+    assert run_folder.read_options(tmp_path).epoch_eval == ev
+    data = json.loads((tmp_path / "options.json").read_text())
+    for bad in ([1], {"metric": "x/acc"}, {"tasks": 3}):
+        (tmp_path / "options.json").write_text(json.dumps({**data, "epoch_eval": bad}))
+        with pytest.raises(UsageError, match="damaged epoch_eval"):
+            run_folder.read_options(tmp_path)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 from elmctl.config.schema import TUNE_LOSSES
 from elmctl.errors import UsageError
 from elmctl.train import run_folder
-from elmctl.train.run_folder import LaunchRequest, TuneOptions
+from elmctl.train.run_folder import EpochEval, LaunchRequest, TuneOptions
 
 __all__ = ["TuneRequest", "TunePlan", "TuneRun", "prepare", "record", "execute", "worker_command", "check_loss",
            "check_lr", "plan_devices"]
@@ -48,6 +48,7 @@ class TuneRequest(LaunchRequest):
     run_id: str | None = None
     study: str | None = None
     trial: int | None = None
+    epoch_eval: EpochEval | None = None  # benchmarks after each epoch (tune-sweep --eval-tasks)
 
 
 @dataclass
@@ -215,7 +216,8 @@ def record(plan: TunePlan) -> TuneRun:
         device="cuda" if plan.gpus else "cpu", base_kind=plan.base.kind, base_path=str(plan.base.path),
         base_label=plan.base.label, data_dir=str(plan.data_dir), lr=plan.lr, epochs=plan.epochs, loss=plan.loss,
         micro_batch=micro, grad_accumulation=accum, precompute_ref=req.precompute_ref, study=req.study,
-        trial=req.trial, identity=identity, resume_from=list(req.resume_from), resume=point, resume_notes=notes)
+        trial=req.trial, identity=identity, resume_from=list(req.resume_from), resume=point, resume_notes=notes,
+        epoch_eval=req.epoch_eval)
     try:
         run_folder.write(run.run_dir, rec, options)
     except BaseException as exc:  # never leave the run behind as queued

@@ -54,7 +54,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from elmctl.errors import RuntimeFailure
+from elmctl.errors import RuntimeFailure, UsageError
 from elmctl.train import dist as D
 from elmctl.train.dpo import dpo_losses, preference_metrics, sequence_logps, sft_loss, split_pair_logps
 from elmctl.train.loop import to_device
@@ -139,6 +139,36 @@ class TuneResult:
     error: str | None = None
 
 
+def _epoch_benchmark(opt, model, info: D.DistInfo, event: Callable[[str], None]) -> Callable:
+    """``tune-sweep --eval-tasks``: after each epoch, lm-evaluation-harness on the policy (rank 0, the
+    full model: the sweep refuses sharded trials with it); records the evaluation and returns
+    ``{metric: value}`` to log with the epoch. Tasks are built (data checked) before training starts."""
+    from elmctl.data.tokenizers import load_tokenizer
+    from elmctl.eval import evaluate_model, expand_tasks, metric_value, prepare_tasks, record_evaluation
+    from elmctl.train.weights import data_tokenizer
+
+    ev = opt.epoch_eval
+    requests = expand_tasks(ev.tasks)
+    prepared = prepare_tasks(requests[0], list(ev.include_path))
+    spec = data_tokenizer(opt.data_dir)
+    if spec is None:
+        raise UsageError(f"{opt.data_dir}: its manifest records no tokenizer, which --eval-tasks needs")
+    tok = load_tokenizer(spec)
+
+    def bench(store, run_id: str, step: int, epoch: int) -> dict[str, float]:
+        r = evaluate_model(model, tok, ev.tasks, limit=ev.limit, batch_size=ev.batch_size, devices=[str(info.device)],
+                           label=f"run {run_id} epoch {epoch}", prepared=prepared, requests=requests)
+        record_evaluation(store, r, run_id=run_id, step=step, name=f"epoch-{epoch}")
+        if ev.metric is None:
+            event(f"epoch {epoch}: lm-eval {ev.tasks} recorded ({sum(r.n.values())} samples, {r.seconds:.1f}s)")
+            return {}
+        value = metric_value(r, ev.metric)
+        event(f"epoch {epoch}: {ev.metric} {value:.4f} (lm-eval, {sum(r.n.values())} samples, {r.seconds:.1f}s)")
+        return {ev.metric: value}
+
+    return bench
+
+
 def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | None = None,
              on_event: Callable[[str], None] | None = None, store_url: str | None = None) -> TuneResult:
     """Train the tune run in ``run_dir`` (see the module docstring). Rank 0 writes the store:
@@ -220,7 +250,11 @@ def run_tune(run_dir: str | os.PathLike, *, should_stop: Callable[[], bool] | No
 
         last_eval: dict[str, float] = {}
 
+        bench = _epoch_benchmark(opt, model, info, event) if opt.epoch_eval is not None and info.is_main else None
+
         def on_eval(step: int, m: dict[str, float]) -> None:
+            if bench is not None:  # tune-sweep --eval-tasks: the metric the sweep ranks and prunes by
+                m = {**m, **bench(store, run_id, step, step // spe)}
             last_eval.clear()
             last_eval.update(m)
             store.log_metrics(run_id, step, {"epoch": step // spe, **m})  # one transaction: read together
