@@ -193,20 +193,16 @@ def show_cmd(run: RunArg, fmt: FormatOpt = Format.table, store_url: StoreOpt = N
     if rec.error:
         t.add_row("error", f"[red]{_u(rec.error)}[/]")
     out.print(t)
-    if data["metrics"]:
-        m = Table(title="latest metrics", title_justify="left")
-        m.add_column("metric")
-        m.add_column("value", justify="right")
-        for k, v in data["metrics"].items():
-            m.add_row(_u(k), "nan" if v is None else f"{v:.6g}")
-        out.print(m)
-    if data["evaluations"]:
-        e = Table(title="evaluations (latest elmctl eval per task)", title_justify="left")
-        e.add_column("task/metric")
-        e.add_column("value", justify="right")
-        for k, v in data["evaluations"].items():
-            e.add_row(_u(k), "" if v is None else f"{v:.4f}")
-        out.print(e)
+    for key, title, column, fmt_value in (("metrics", "latest metrics", "metric", lambda v: "nan" if v is None else f"{v:.6g}"),
+                                          ("evaluations", "evaluations (latest elmctl eval per task)", "task/metric",
+                                           lambda v: "" if v is None else f"{v:.4f}")):
+        if data[key]:
+            m = Table(title=title, title_justify="left")
+            m.add_column(column)
+            m.add_column("value", justify="right")
+            for k, v in data[key].items():
+                m.add_row(_u(k), fmt_value(v))
+            out.print(m)
     if data["checkpoints"]:
         c = Table(title="checkpoints", title_justify="left")
         c.add_column("step", justify="right")

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -38,47 +37,22 @@ def write_tasks(folder: Path) -> Path:
     (folder / "ppl.jsonl").write_text("".join(json.dumps({"text": f"Document {i}: the sum of {i} and {i} is {2 * i}."}) + "\n"
                                               for i in range(6)))
     (folder / "gen.jsonl").write_text("".join(json.dumps({"q": f"{a} plus {a} is", "a": str(2 * a)}) + "\n" for a in range(4)))
-    common = "dataset_path: json\ntest_split: test\n"
-    (folder / "mc.yaml").write_text(textwrap.dedent(f"""\
-        task: tiny_mc
-        {common.replace(chr(10), chr(10) + '        ')}dataset_kwargs:
-          data_files:
-            test: {folder / 'mc.jsonl'}
-        output_type: multiple_choice
-        doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
-        doc_to_choice: "{{{{choices}}}}"
-        doc_to_target: "{{{{answer}}}}"
-        metric_list:
-          - metric: acc
-          - metric: acc_norm
-        """))
-    (folder / "ppl.yaml").write_text(textwrap.dedent(f"""\
-        task: tiny_ppl
-        {common.replace(chr(10), chr(10) + '        ')}dataset_kwargs:
-          data_files:
-            test: {folder / 'ppl.jsonl'}
-        output_type: loglikelihood_rolling
-        doc_to_text: ""
-        doc_to_target: "{{{{text}}}}"
-        metric_list:
-          - metric: word_perplexity
-          - metric: bits_per_byte
-        """))
-    (folder / "gen.yaml").write_text(textwrap.dedent(f"""\
-        task: tiny_gen
-        {common.replace(chr(10), chr(10) + '        ')}dataset_kwargs:
-          data_files:
-            test: {folder / 'gen.jsonl'}
-        output_type: generate_until
-        doc_to_text: "{{{{q}}}}"
-        doc_to_target: "{{{{a}}}}"
-        generation_kwargs:
-          until: ["\\n"]
-          max_gen_toks: 8
-        metric_list:
-          - metric: exact_match
-        """))
+    _task_yaml(folder, "tiny_mc", "mc.jsonl", "multiple_choice",
+               'doc_to_text: "Question: {{question}}\\nAnswer:"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"',
+               ("acc", "acc_norm"))
+    _task_yaml(folder, "tiny_ppl", "ppl.jsonl", "loglikelihood_rolling",
+               'doc_to_text: ""\ndoc_to_target: "{{text}}"', ("word_perplexity", "bits_per_byte"))
+    _task_yaml(folder, "tiny_gen", "gen.jsonl", "generate_until",
+               'doc_to_text: "{{q}}"\ndoc_to_target: "{{a}}"\ngeneration_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 8',
+               ("exact_match",))
     return folder
+
+
+def _task_yaml(folder: Path, task: str, data: str, output_type: str, body: str, metrics: tuple[str, ...]) -> None:
+    """A local harness task: ``folder/<data>`` (JSONL) read through ``dataset_path: json``."""
+    (folder / f"{task}.yaml").write_text(
+        f"task: {task}\ndataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: {folder / data}\n"
+        f"output_type: {output_type}\n{body}\nmetric_list:\n" + "".join(f"  - metric: {m}\n" for m in metrics))
 
 
 @pytest.fixture(scope="module")
