@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from elmctl.cli._common import Format, FormatOpt, StoreOpt, console, emit_json, emit_yaml, name_option, safe_markup
+from elmctl.cli._track_opts import TrackDirOpt, TrackOpt, trackers, warning_printer
 
 
 def register(app: typer.Typer) -> None:
@@ -43,6 +44,8 @@ def eval_cmd(
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="byte, tokenizer.model or tokenizer.json (default: the run's).")] = None,
     name: Annotated[Optional[str], name_option("--name", "Label stored with this evaluation.")] = None,
     no_record: Annotated[bool, typer.Option("--no-record", help="Do not write the results to the store.")] = False,
+    track: TrackOpt = None,
+    track_dir: TrackDirOpt = None,
     store: StoreOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
@@ -51,6 +54,8 @@ def eval_cmd(
     Offline: each task's data must be in the local Hugging Face datasets cache, or named by a task
     YAML in --include-path (`dataset_path: json` with local `data_files`). Results are recorded in
     the store (`elmctl runs show RUN`, `elmctl report --run RUN`).
+
+    With --track (or ELMCTL_TRACK) the results also go to the run's tracker runs (eval/TASK/METRIC).
 
     Example: elmctl eval my-run --tasks openelm-zero-shot --limit 200
     """
@@ -61,6 +66,18 @@ def eval_cmd(
                       include_path=[str(p) for p in include_path or []], batch_size=batch_size, device=device,
                       gpus=gpus, store_url=store, record=not no_record, name=name, tokenizer=tokenizer)
     data = result.to_dict()
+    names = trackers(track)
+    if names and result.eval_id and result.run_id:  # the run's tracker runs get the results (eval/TASK/METRIC)
+        from elmctl.store import Store, store_to_read
+        from elmctl.track import sync_runs
+
+        warn = warning_printer(fmt is not Format.table)
+        with Store(store_to_read(store)[0]) as st:  # the store the run was found in
+            rows = sync_runs(st, [result.run_id], names, track_dir=track_dir, on_warning=warn)
+        data["tracked"] = {k: v for k, v in rows[0].items() if k in ("sent", "failed")}
+    elif names:
+        data["tracked"] = {"sent": {}, "failed": {n: "not recorded in a run of this store (--no-record, or a folder of no run)"
+                                                  for n in names}}
     if fmt is Format.json:
         return emit_json(data)
     if fmt is Format.yaml:
@@ -83,6 +100,10 @@ def eval_cmd(
     out.print(t)
     for suite, avg in result.suites.items():
         out.print(f"[bold]{suite}[/] average: " + ("n/a" if avg is None else f"{100 * avg:.2f}"))
+    if data.get("tracked"):
+        sent, failed = data["tracked"]["sent"], data["tracked"]["failed"]
+        out.print("trackers: " + ", ".join([f"{n} updated" for n in sent] + [f"{n} not updated ({safe_markup(why)})"
+                                                                              for n, why in failed.items()]))
     out.print(f"[dim]{result.seconds:.1f}s"
               + (f"; recorded as evaluation {result.eval_id}" + (f" of run {result.run_id}" if result.run_id else "")
                  if result.eval_id else "; not recorded") + "[/]")

@@ -177,13 +177,11 @@ def run_info(run: Any, *, track_dir: str | Path | None, store_url: str | None, e
                    track_dir=Path(track_dir).expanduser().resolve() if track_dir else None)
 
 
-def evaluation_metrics(store: Any, run_id: str) -> dict[str, float]:
-    """Evaluation results of a run, ``eval/<task>/<metric>`` -> value, sent once the run has ended.
-
-    The one place that reads evaluations (what ``elmctl eval`` recorded; the latest value of each
-    task/metric wins).
-    """
-    return {f"eval/{r.task}/{r.metric}": float(r.value) for r in store.evaluations(run_id) if r.value is not None}
+def evaluation_metrics(store: Any, run_id: str) -> list[tuple[str, str, float]]:
+    """The run's evaluations (what ``elmctl eval`` and ``tune-sweep --eval-tasks`` recorded), oldest
+    first: ``(eval_id, "eval/<task>/<metric>", value)``. The one place that reads them."""
+    return [(r.eval_id, f"eval/{r.task}/{r.metric}", float(r.value)) for r in store.evaluations(run_id)
+            if r.value is not None]
 
 
 class Mirror:
@@ -246,11 +244,15 @@ class Mirror:
         top = max(by_step) if by_step else 0
         settled = top if ended else top - 1
         sent_now: dict[str, int] = {}
+        evaluations = evaluation_metrics(self.store, run.id) if ended else []
         for name in todo:
             st = dict(tstate.get(name) or {})
             last = int(st.get("last_step", 0))
             pending = [(s, by_step[s][0], by_step[s][1]) for s in sorted(by_step) if last < s <= settled]
-            must_end = ended and st.get("ended") != run.status
+            # an ended run is ended once, again when an evaluation was recorded since (elmctl eval --track)
+            sent_evals = set(st.get("eval_ids") or [])
+            evals = {key: value for eval_id, key, value in evaluations if eval_id not in sent_evals}  # latest wins
+            must_end = ended and (st.get("ended") != run.status or bool(evals))
             if not pending and not must_end and name not in self.open:
                 continue  # nothing to say yet: no tracker run is made for it
             try:
@@ -276,11 +278,11 @@ class Mirror:
                     self.sent[name] = self.sent.get(name, 0) + len(pending)
                 st["last_step"] = last
                 if must_end:
-                    evals = evaluation_metrics(self.store, run.id)
                     if evals:  # at the run's last step (W&B: into the summary)
                         tracker.log([(last, _now(), evals)])
                     tracker.finish(run.status)
                     st["ended"] = run.status
+                    st["eval_ids"] = sorted(sent_evals | {eval_id for eval_id, _, _ in evaluations})
             except TrackerUnavailable as exc:
                 self._warn(name, f"{exc}; install it with: pip install '{EXTRAS[name]}'"
                            if "not installed" in str(exc) else str(exc))

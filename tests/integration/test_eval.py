@@ -128,6 +128,35 @@ def test_eval_cli_json_accuracy_recorded_and_reported(env, cli):
         assert out.code == 0 and needle in out.out, (fmt, out.err)
 
 
+def test_eval_track_sends_each_evaluation_once_to_the_runs_tracker(env, cli, tmp_path, monkeypatch):
+    """eval --track mlflow: the run's MLflow run gets eval/TASK/METRIC (and its steps, never tracked before);
+    a second evaluation adds its point; runs sync afterwards sends nothing again."""
+    pytest.importorskip("mlflow")
+    from elmctl.store import Store
+    from tests.integration.track_util import mlflow_history
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    values = []
+    for _ in range(2):
+        r = cli("eval", "pre", "--tasks", "tiny_mc", "--include-path", env["tasks"], "--device", "cpu", "--limit", "6",
+                "--format", "json", "--store", env["url"], "--track", "mlflow")
+        assert r.code == 0, r.err
+        data = json.loads(r.out)
+        assert data["tracked"]["sent"] == {"mlflow": 4 if not values else 0} and not data["tracked"]["failed"]
+        values.append(data["results"]["tiny_mc"]["acc"])
+    again = cli("runs", "sync", "pre", "--to", "mlflow", "--store", env["url"])
+    assert again.code == 0 and "+0 steps" in again.out, again.out + again.err
+    from mlflow.tracking import MlflowClient
+
+    (run,) = MlflowClient(tracking_uri=uri).search_runs(
+        [MlflowClient(tracking_uri=uri).get_experiment_by_name("elmctl").experiment_id])
+    with Store(env["url"]) as st:
+        last = max(m.step for m in st.metrics(st.get_run("pre").id, "loss"))
+    assert mlflow_history(uri, run.info.run_id, "eval/tiny_mc/acc") == [(last, pytest.approx(v)) for v in values]
+    assert len(mlflow_history(uri, run.info.run_id, "loss")) == 4
+
+
 def test_eval_of_the_export_matches_the_run(env, cli):
     """The HF folder (elmctl export) scores exactly what the run's checkpoint scores."""
     a = json.loads(cli("eval", "pre", "--tasks", "tiny_mc", "--include-path", env["tasks"], "--device", "cpu",
