@@ -24,6 +24,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from elmctl.errors import RuntimeFailure, UsageError
 from elmctl.launch.torchrun import build_command
@@ -49,13 +50,18 @@ def render_sbatch(
     stop_before_s: int = 180,
     array_tasks: int | None = None,
 ) -> str:
-    """The sbatch script text (see :func:`write_sbatch`)."""
+    """The sbatch script text: ``command_args`` (module + args) on ``nodes`` nodes (see :func:`write_sbatch`).
+
+    ``python``: the interpreter on the nodes (default this one, which suits a venv on a shared
+    filesystem); ``env``: exported variables (e.g. ``{"ELMCTL_STORE": "postgresql://..."}``: the
+    store must be reachable from every node); ``array_tasks``: an array of that many one-node tasks,
+    each running the command once (``nodes`` must be 1).
+    """
     if array_tasks is not None and (array_tasks < 1 or nodes != 1 or gpus_per_node < 0):
         raise ValueError(f"an array has >= 1 tasks of one node each (got {array_tasks} tasks, {nodes} nodes)")
     if array_tasks is None and (nodes < 1 or gpus_per_node < 1):
         raise ValueError(f"nodes and gpus_per_node must be >= 1 (got {nodes}, {gpus_per_node})")
     run_dir = Path(run_dir).resolve()
-    q = shlex.quote
     # #SBATCH lines are not shell: no quoting there, so keep their values free of blanks.
     for label, value in (("run_dir", str(run_dir)), ("time", time), ("partition", partition), ("account", account)):
         if value and any(ch.isspace() for ch in value):
@@ -163,29 +169,14 @@ def _torchrun_body(nodes: int, gpus_per_node: int, command_args, run_dir: Path, 
     return lines
 
 
-def write_sbatch(
-    path: str | os.PathLike[str],
-    *,
-    job_name: str,
-    nodes: int,
-    gpus_per_node: int,
-    command_args: Sequence[str],
-    run_dir: str | os.PathLike[str],
-    time: str | None = None,
-    partition: str | None = None,
-    private: bool = False,
-    **kwargs,
-) -> Path:
-    """Write an executable sbatch script that runs ``command_args`` (module + args) on ``nodes`` nodes.
+def write_sbatch(path: str | os.PathLike[str], *, private: bool = False, **kwargs: Any) -> Path:
+    """Write the executable sbatch script :func:`render_sbatch` renders from ``kwargs`` (the same keywords:
+    ``job_name``, ``nodes``, ``gpus_per_node``, ``command_args``, ``run_dir``, ``time``, ``partition``,
+    ``account``, ``cpus_per_node``, ``stop_before_s``, ``python``, ``env``, ``array_tasks``).
 
-    Extra keywords: ``account``, ``cpus_per_node``, ``stop_before_s``, ``python`` (interpreter path on the nodes;
-    default this one, which suits a venv on a shared filesystem), ``env`` (exported variables,
-    e.g. ``{"ELMCTL_STORE": "postgresql://..."}``: the store must be reachable from every node), ``array_tasks``
-    (an array of that many one-node tasks, each running the command once; ``nodes`` must be 1).
     ``private``: readable by the owner only (mode 0700), for a script that holds a password.
     """
-    text = render_sbatch(job_name=job_name, nodes=nodes, gpus_per_node=gpus_per_node, command_args=command_args,
-                         run_dir=run_dir, time=time, partition=partition, **kwargs)
+    text = render_sbatch(**kwargs)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")

@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("handoff")
     data = root / "D"
-    make_demo(data, seed=0)
+    make_demo(data, seed=0, num_pairs=240, num_test_pairs=40)  # the tune: 30 steps, enough to hand off
     env = {"ELMCTL_HOME": str(root / "home"), "ELMCTL_LOCK_DIR": str(root / "locks")}
     old = {k: os.environ.get(k) for k in (*env, "ELMCTL_STORE")}
     os.environ.update(env)
