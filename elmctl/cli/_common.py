@@ -42,7 +42,7 @@ RecipeArg = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a recipe field, e.g. --set pretrain.max_lr=1e-3 (repeatable). Values are YAML 1.2: 010 is ten, 1:30 and no are text."),
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override a recipe field, e.g. --set pretrain.max_lr=1e-3 (repeatable). Values are YAML 1.2: 010 is ten, 1:30 and no are text."),
 ]
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="Output format; json is a stable interface.")]
 StoreOpt = Annotated[

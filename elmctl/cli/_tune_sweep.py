@@ -60,7 +60,7 @@ def sweep_cmd(
     storage: Annotated[Optional[str], typer.Option("--storage", help="Optuna storage URL (default: the store's database). Several machines: the same postgresql:// URL and --study on each.")] = None,
     metric: Annotated[str, typer.Option("--metric", help="eval_loss (minimised) or reward_accuracy (maximised), at the last epoch; with --eval-tasks also a benchmark TASK/METRIC or SUITE/avg (e.g. openelm-zero-shot/avg, arc_easy/acc_norm), the paper's criterion.")] = "eval_loss",
     eval_tasks: Annotated[Optional[str], typer.Option("--eval-tasks", help="lm-evaluation-harness tasks and/or suites (openelm-zero-shot, ...) each trial evaluates after every epoch (elmctl eval's rules: offline, local data); results go to the store and the pruner sees --metric.")] = None,
-    include_path: Annotated[Optional[list[str]], typer.Option("--include-path", help="With --eval-tasks: a folder of task YAML files (local tasks, local data); repeatable.")] = None,
+    include_path: Annotated[Optional[list[str]], typer.Option("--include-path", metavar="DIR", help="With --eval-tasks: a folder of task YAML files (local tasks, local data); repeatable.")] = None,
     eval_limit: Annotated[Optional[int], typer.Option("--eval-limit", min=1, help="With --eval-tasks: at most N samples per task (quicker, noisier).")] = None,
     eval_batch_size: Annotated[int, typer.Option("--eval-batch-size", min=1, max=4096, help="With --eval-tasks: sequences per forward pass.")] = 16,
     pruner: Annotated[str, typer.Option("--pruner", help="none, or median: stop a trial whose epoch-k value is worse than the median of finished trials at epoch k (after 2 finished).")] = "none",

@@ -37,7 +37,7 @@ def eval_cmd(
     tasks: Annotated[str, typer.Option("--tasks", "-t", help="Harness tasks and/or suites, comma separated: openelm-zero-shot, openelm-openllm, openelm-llm360, arc_easy, ...")],
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", min=0, max=1000, help="Few-shot examples for the plain tasks (suites fix their own).")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="At most N samples per task (quick checks; recorded with the results).")] = None,
-    include_path: Annotated[Optional[list[Path]], typer.Option("--include-path", help="Folder of task YAML files (local tasks, local data); repeatable.")] = None,
+    include_path: Annotated[Optional[list[Path]], typer.Option("--include-path", metavar="DIR", help="Folder of task YAML files (local tasks, local data); repeatable.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward pass.")] = 16,
     gpus: Annotated[Optional[int], typer.Option("--gpus", help="Spread batches over N GPUs (data parallel).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N (default: one GPU if there is one, else cpu).")] = None,

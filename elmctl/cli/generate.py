@@ -98,7 +98,7 @@ def generate_cmd(
     chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat", help="Wrap the prompt in the OpenELM-Instruct chat template (default: on for tuned runs).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="byte, tokenizer.model or tokenizer.json (default: the one the run's data used).")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
-    choice: Annotated[Optional[list[str]], typer.Option("--choice", help="Also score this answer: log p(answer | prompt); repeat for each candidate, the most likely is the model's pick.")] = None,
+    choice: Annotated[Optional[list[str]], typer.Option("--choice", metavar="TEXT", help="Also score this answer: log p(answer | prompt); repeat for each candidate, the most likely is the model's pick.")] = None,
     store: StoreOpt = None,
     fmt: FormatOpt = Format.table,
 ) -> None:
