@@ -108,7 +108,7 @@ def demo_config(out_dir: str | os.PathLike | None = None, store_url: str | None 
     out = Path(out_dir).expanduser().resolve() if out_dir else default_out_dir()
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} exists and is not empty", "pick a new --out folder (the demo never overwrites results)")
-    from elmctl.report import DEMO_STORE
+    from elmctl.store import DEMO_STORE
 
     url = store_url or f"sqlite:///{out / DEMO_STORE}"
     if quick:

@@ -13,13 +13,11 @@ Importing this package is cheap: SQLAlchemy, Optuna and matplotlib load inside t
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from elmctl.errors import UsageError
-from elmctl.store import DEMO_PREFIX, DEMO_STORE, latest_demo_store
+from elmctl.store import DEMO_PREFIX, latest_demo_store
 
 # `store_to_read` (which store a read-only command shows) lives in the store: re-exported lazily below
 

@@ -11,14 +11,14 @@ The core (this package's modules):
 - :mod:`elmctl.train.nodes` - several nodes started by hand: follow the head node, agree on a checkpoint
 - :mod:`elmctl.train.checkpoint` - atomic, verified checkpoints with retention
 - :mod:`elmctl.train.metric_keys` - the metric names tune logs and sweeps rank by (no torch)
-- :mod:`elmctl.train.weights` - one resolver for a model's weights (generate, export, tune --base)
+- :mod:`elmctl.train.weights` - one resolver for a model's weights (generate, export, tune --base, eval)
 - :mod:`elmctl.train.run_folder` - a run's recipe and typed options (``PretrainOptions``,
   ``TuneOptions``), written and read there only; its log; how a run's end is recorded
 - :mod:`elmctl.train.worker` - the one worker entry point (``pretrain | tune RUN_DIR``, ``bench``) and
   the signal / exit-code contract
 
 The jobs: :mod:`elmctl.train.pretrain` (launcher, plan, batches, run), :mod:`elmctl.train.tune`
-(launcher, inputs, batches, resume, run), :mod:`elmctl.train.tools` (bench, profile). Jobs import
+(launcher, inputs, batches, resume, run), :mod:`elmctl.train.tools` (bench, profile, evaluate: ``elmctl eval``). Jobs import
 the core and never each other; the core imports a job only where it starts one (the worker).
 
 Nothing here imports torch at package import; import the submodule you need.
